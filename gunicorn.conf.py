@@ -1,0 +1,42 @@
+"""gunicorn settings for billing-service: gunicorn --config gunicorn.conf.py app:app
+
+Each worker runs one collector thread, started after fork (threads do not
+survive fork) and stopped when the worker exits. PostgreSQL advisory locks
+make the workers share the sources instead of collecting them twice.
+"""
+import os
+import sys
+
+import app as billing
+
+try:
+    _config = billing.load_config(os.environ)
+except billing.ConfigError as exc:
+    # Fail before any worker forks, with the variable named and no traceback.
+    print(f"billing-service: configuration error: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+bind = _config.listen_addr
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# gthread: the worker's main thread keeps heart-beating while a request
+# thread runs a long collection, so gunicorn's timeout never kills a catch-up.
+worker_class = "gthread"
+threads = 4
+timeout = 60
+graceful_timeout = 30
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+# Access log without query strings or auth headers: nothing secret in it.
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+del _config
+
+
+def post_worker_init(worker):
+    worker.wsgi.extensions["billing_collector"].start()
+
+
+def worker_exit(server, worker):
+    collector = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("billing_collector")
+    if collector is not None:
+        collector.stop(timeout=graceful_timeout - 5)

@@ -1,0 +1,139 @@
+-- billing-service: the tables it writes in the shared `account` database.
+--
+-- Idempotent (IF NOT EXISTS everywhere): safe to apply on every deploy, to a
+-- database that accounts.svc.plus already created. The shared tables keep the
+-- column names, types and keys of the shared account schema; billing-service
+-- never creates or alters public.users, which belongs to accounts (local runs
+-- and tests create a minimal stub of it before applying this file).
+
+-- Shared tables (written by billing-service, read by accounts) --------------
+
+CREATE TABLE IF NOT EXISTS public.traffic_stat_checkpoints (
+  node_id TEXT NOT NULL,
+  account_uuid UUID NOT NULL REFERENCES public.users(uuid) ON DELETE CASCADE,
+  last_uplink_total BIGINT NOT NULL DEFAULT 0,
+  last_downlink_total BIGINT NOT NULL DEFAULT 0,
+  last_seen_at TIMESTAMPTZ NOT NULL,
+  xray_revision TEXT NOT NULL DEFAULT '',
+  reset_epoch BIGINT NOT NULL DEFAULT 0,
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  PRIMARY KEY (node_id, account_uuid)
+);
+
+CREATE TABLE IF NOT EXISTS public.traffic_minute_buckets (
+  bucket_start TIMESTAMPTZ NOT NULL,
+  node_id TEXT NOT NULL,
+  account_uuid UUID NOT NULL REFERENCES public.users(uuid) ON DELETE CASCADE,
+  region TEXT NOT NULL DEFAULT '',
+  line_code TEXT NOT NULL DEFAULT '',
+  uplink_bytes BIGINT NOT NULL DEFAULT 0,
+  downlink_bytes BIGINT NOT NULL DEFAULT 0,
+  total_bytes BIGINT NOT NULL DEFAULT 0,
+  multiplier DOUBLE PRECISION NOT NULL DEFAULT 1.0,
+  rating_status TEXT NOT NULL DEFAULT 'pending',
+  source_revision TEXT NOT NULL DEFAULT '',
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  PRIMARY KEY (bucket_start, node_id, account_uuid, region, line_code)
+);
+
+CREATE TABLE IF NOT EXISTS public.billing_ledger (
+  id UUID PRIMARY KEY,
+  account_uuid UUID NOT NULL REFERENCES public.users(uuid) ON DELETE CASCADE,
+  bucket_start TIMESTAMPTZ NOT NULL,
+  bucket_end TIMESTAMPTZ NOT NULL,
+  entry_type TEXT NOT NULL,
+  rated_bytes BIGINT NOT NULL DEFAULT 0,
+  amount_delta DOUBLE PRECISION NOT NULL DEFAULT 0,
+  balance_after DOUBLE PRECISION NOT NULL DEFAULT 0,
+  pricing_rule_version TEXT NOT NULL DEFAULT '',
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS public.account_quota_states (
+  account_uuid UUID PRIMARY KEY REFERENCES public.users(uuid) ON DELETE CASCADE,
+  remaining_included_quota BIGINT NOT NULL DEFAULT 0,
+  current_balance DOUBLE PRECISION NOT NULL DEFAULT 0,
+  arrears BOOLEAN NOT NULL DEFAULT false,
+  throttle_state TEXT NOT NULL DEFAULT 'normal',
+  suspend_state TEXT NOT NULL DEFAULT 'active',
+  last_rated_bucket_at TIMESTAMPTZ NULL,
+  effective_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Read only for billing-service: accounts owns the pricing of each account.
+CREATE TABLE IF NOT EXISTS public.account_billing_profiles (
+  account_uuid UUID PRIMARY KEY REFERENCES public.users(uuid) ON DELETE CASCADE,
+  package_name TEXT NOT NULL DEFAULT 'default',
+  included_quota_bytes BIGINT NOT NULL DEFAULT 0,
+  base_price_per_byte DOUBLE PRECISION NOT NULL DEFAULT 0,
+  region_multiplier DOUBLE PRECISION NOT NULL DEFAULT 1.0,
+  line_multiplier DOUBLE PRECISION NOT NULL DEFAULT 1.0,
+  peak_multiplier DOUBLE PRECISION NOT NULL DEFAULT 1.0,
+  offpeak_multiplier DOUBLE PRECISION NOT NULL DEFAULT 1.0,
+  pricing_rule_version TEXT NOT NULL DEFAULT 'pricing-default-v1',
+  created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS public.billing_source_sync_state (
+  source_id TEXT PRIMARY KEY,
+  last_completed_until TIMESTAMPTZ NULL,
+  last_attempted_at TIMESTAMPTZ NULL,
+  last_succeeded_at TIMESTAMPTZ NULL,
+  last_error TEXT NOT NULL DEFAULT '',
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS idx_traffic_minute_buckets_account_bucket
+  ON public.traffic_minute_buckets (account_uuid, bucket_start DESC);
+
+CREATE INDEX IF NOT EXISTS idx_billing_ledger_account_created
+  ON public.billing_ledger (account_uuid, created_at DESC);
+
+-- Tables billing-service alone owns ------------------------------------------
+
+-- One row per finished job run (by any worker, thread or host), so /v1/status
+-- and /healthz answer the same whichever worker is asked. Retention is
+-- bounded by the service (it deletes the oldest rows past a fixed count).
+CREATE TABLE IF NOT EXISTS public.billing_job_runs (
+  id BIGSERIAL PRIMARY KEY,
+  job TEXT NOT NULL,
+  status TEXT NOT NULL,
+  started_at TIMESTAMPTZ NOT NULL,
+  finished_at TIMESTAMPTZ NOT NULL,
+  result JSONB NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS idx_billing_job_runs_finished
+  ON public.billing_job_runs (finished_at DESC);
+
+-- Monotonic counters behind /metrics: runs are pruned, totals never shrink.
+CREATE TABLE IF NOT EXISTS public.billing_job_totals (
+  job TEXT NOT NULL,
+  status TEXT NOT NULL,
+  runs BIGINT NOT NULL DEFAULT 0,
+  processed_samples BIGINT NOT NULL DEFAULT 0,
+  written_minutes BIGINT NOT NULL DEFAULT 0,
+  replayed_minutes BIGINT NOT NULL DEFAULT 0,
+  invalid_samples BIGINT NOT NULL DEFAULT 0,
+  unknown_account_samples BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (job, status)
+);
+
+-- Where a source's current (or last) run is, written in the same transaction
+-- as each page, so a long catch-up can be watched from any worker.
+CREATE TABLE IF NOT EXISTS public.billing_source_progress (
+  source_id TEXT PRIMARY KEY,
+  run_started_at TIMESTAMPTZ NOT NULL,
+  running BOOLEAN NOT NULL DEFAULT false,
+  window_since TIMESTAMPTZ NULL,
+  window_until TIMESTAMPTZ NULL,
+  pages BIGINT NOT NULL DEFAULT 0,
+  snapshots BIGINT NOT NULL DEFAULT 0,
+  samples BIGINT NOT NULL DEFAULT 0,
+  position TIMESTAMPTZ NULL,
+  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
