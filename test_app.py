@@ -404,3 +404,120 @@ def test_ping_reports_image_without_touching_anything(db, exporters, service):
     status, body = svc.get("/api/ping")
     assert status == 200 and body["commit"] == sha and body["version"] == sha
     assert server.requests == []
+
+
+# ---- configuration (SPEC section 2) -------------------------------------------------
+
+def base_env(**extra) -> dict:
+    env = {"DATABASE_URL": "postgresql://billing:pw@127.0.0.1:5432/account", "INTERNAL_SERVICE_TOKEN": TOKEN,
+           "EXPORTER_SOURCES_JSON": json.dumps([{"source_id": "a", "base_url": "http://127.0.0.1:9100"}])}
+    env.update(extra)
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def test_config_defaults_and_legacy_source():
+    config = billing.load_config(base_env(EXPORTER_SOURCES_JSON=None, EXPORTER_BASE_URL="http://localhost:9100"))
+    assert config.sources == (billing.Source("default", "http://localhost:9100"),)
+    assert config.sources[0].enabled and config.sources[0].timeout_seconds == 15
+    assert config.listen_addr == "0.0.0.0:8081" and config.collect_interval == 60
+    assert (config.region, config.source_revision, config.price_per_byte) == ("", "billing-service-v1", 0)
+    assert (config.initial_included_quota, config.initial_balance, config.image) == (0, 0, "")
+
+
+def test_config_sources_json_wins_over_legacy_and_keeps_fields():
+    raw = [{"source_id": "jp", "base_url": "https://jp.example.com:9443/", "expected_node_id": "jp-1",
+            "expected_env": "prod", "enabled": False, "timeout_seconds": 0},
+           {"source_id": "local", "base_url": "http://[::1]:9100", "timeout_seconds": 2.5}]
+    config = billing.load_config(base_env(EXPORTER_SOURCES_JSON=json.dumps(raw), EXPORTER_BASE_URL="http://x"))
+    jp, local = config.sources
+    assert (jp.source_id, jp.expected_node_id, jp.expected_env, jp.enabled, jp.timeout_seconds) == \
+        ("jp", "jp-1", "prod", False, 15)
+    assert local.enabled and local.timeout_seconds == 2.5
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("90s", 90), ("1m30s", 90), ("2m", 120), ("1h", 3600), ("1.5m", 90), ("0", 0), ("off", 0)])
+def test_collect_interval_durations(value, seconds):
+    assert billing.load_config(base_env(COLLECT_INTERVAL=value)).collect_interval == seconds
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DATABASE_URL": None}, "DATABASE_URL is required"),
+    ({"DATABASE_URL": "just-a-hostname"}, "DATABASE_URL: not a valid"),
+    ({"INTERNAL_SERVICE_TOKEN": ""}, "INTERNAL_SERVICE_TOKEN is required"),
+    ({"EXPORTER_SOURCES_JSON": None}, "EXPORTER_SOURCES_JSON (or the legacy EXPORTER_BASE_URL) is required"),
+    ({"EXPORTER_SOURCES_JSON": "[{"}, "EXPORTER_SOURCES_JSON: invalid JSON"),
+    ({"EXPORTER_SOURCES_JSON": "[]"}, "EXPORTER_SOURCES_JSON: must be a non-empty JSON array"),
+    ({"EXPORTER_SOURCES_JSON": '[{"base_url": "http://127.0.0.1:1"}]'}, "source_id is required"),
+    ({"EXPORTER_SOURCES_JSON": '[{"source_id": "a"}]'}, "source 'a': base_url is required"),
+    ({"EXPORTER_SOURCES_JSON": '[{"source_id": "a", "base_url": "http://127.0.0.1:1"},'
+                               '{"source_id": "a", "base_url": "http://127.0.0.1:2"}]'}, "duplicate source_id 'a'"),
+    ({"EXPORTER_SOURCES_JSON": '[{"source_id": "a", "base_url": "http://127.0.0.1:1", "colour": 1}]'},
+     "unknown field(s) colour"),
+    ({"EXPORTER_SOURCES_JSON": '[{"source_id": "a", "base_url": "http://127.0.0.1:1", "enabled": "yes"}]'},
+     "enabled must be true or false"),
+    ({"EXPORTER_SOURCES_JSON": '[{"source_id": "a", "base_url": "ftp://127.0.0.1:1"}]'}, "http(s) URL"),
+    ({"COLLECT_INTERVAL": "5"}, "COLLECT_INTERVAL: not a duration"),
+    ({"COLLECT_INTERVAL": "1x"}, "COLLECT_INTERVAL"),
+    ({"COLLECT_INTERVAL": "100ms"}, "COLLECT_INTERVAL: must be 0/off or at least 1s"),
+    ({"PRICE_PER_BYTE": "0,5"}, "PRICE_PER_BYTE: not a valid float"),
+    ({"PRICE_PER_BYTE": "nan"}, "PRICE_PER_BYTE: must be a finite number"),
+    ({"PRICE_PER_BYTE": "-1"}, "PRICE_PER_BYTE: must not be negative"),
+    ({"INITIAL_INCLUDED_QUOTA_BYTES": "1e9"}, "INITIAL_INCLUDED_QUOTA_BYTES: not a valid int"),
+    ({"INITIAL_BALANCE": "ten"}, "INITIAL_BALANCE: not a valid float"),
+    ({"LISTEN_ADDR": "8081"}, "LISTEN_ADDR"),
+    ({"LISTEN_ADDR": ":99999"}, "LISTEN_ADDR"),
+])
+def test_bad_config_is_a_startup_error_naming_the_variable(env, message):
+    with pytest.raises(billing.ConfigError) as error:
+        billing.load_config(base_env(**env))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("dsn", [f"postgresql://u:{DB_PASSWORD}@[h/db", f"{DB_PASSWORD}@host"])
+def test_bad_dsn_error_does_not_echo_the_password(dsn):
+    with pytest.raises(psycopg2.Error) as libpq:  # libpq's own message does echo it...
+        psycopg2.extensions.parse_dsn(dsn)
+    assert DB_PASSWORD in str(libpq.value)
+    with pytest.raises(billing.ConfigError) as error:  # ...ours must not
+        billing.load_config(base_env(DATABASE_URL=dsn))
+    assert DB_PASSWORD not in str(error.value) and "DATABASE_URL" in str(error.value)
+
+
+def run_gunicorn_until_exit(env: dict, timeout=30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
+                          cwd=ROOT, env={"PATH": os.environ["PATH"], **env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gunicorn_refuses_to_start_on_bad_config_naming_the_variable():
+    done = run_gunicorn_until_exit(base_env(PRICE_PER_BYTE="0.5.1", LISTEN_ADDR=f"127.0.0.1:{free_port()}"))
+    assert done.returncode != 0
+    assert "configuration error: PRICE_PER_BYTE: not a valid float: '0.5.1'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ---- HTTP surface (SPEC section 8) -------------------------------------------------
+
+def test_job_endpoints_need_the_token(db, exporters, service):
+    server, svc = one_source(db, exporters, service, [])
+    for job in ("collect-and-rate", "reconcile"):
+        assert svc.post(job, token=None) == (401, {"error": "missing or wrong service token"})
+        assert svc.post(job, token="wrong-token")[0] == 401
+    assert server.requests == []  # nothing ran
+    assert svc.post(token=None, headers={"X-Service-Token": TOKEN})[0] == 200
+    assert svc.post(token=None, headers={"Authorization": f"bearer {TOKEN}"})[0] == 200
+
+
+def test_errors_are_json(db, exporters, service):
+    _, svc = one_source(db, exporters, service, [])
+    response = svc.client.get("/nope")
+    assert response.status_code == 404 and response.is_json and response.get_json() == {"error": "not found"}
+    response = svc.client.get("/v1/jobs/collect-and-rate")
+    assert response.status_code == 405 and response.is_json and "POST" in response.headers["Allow"]
+    response = svc.client.post("/healthz")
+    assert response.status_code == 405 and response.get_json() == {"error": "method not allowed"}
+    status, body = svc.post("reconcile", body=b"x" * (64 * 1024 + 1))
+    assert status == 413 and "larger than 65536 bytes" in body["error"]
+    for path in ("/api/ping", "/healthz", "/v1/status"):
+        assert svc.client.get(path).is_json
