@@ -29,6 +29,9 @@ accesslog = "-"
 errorlog = "-"
 # Access log without query strings or auth headers: nothing secret in it.
 access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
+# No control socket: its default path is shared by every gunicorn of the user
+# (and lies in a home directory the systemd unit protects). systemd manages us.
+control_socket_disable = True
 del _config
 
 

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg2
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import app as billing
@@ -38,6 +38,12 @@ TOKEN = "tok-Internal-7f3c9a1e5b"
 DB_PASSWORD = "pw-Db-Secret-4d8e2b6f"
 NODE, ENV = "node-a", "prod"
 
+
+# BILLING_NOSHRINK=1: a failing example is reported as found, without minutes
+# of shrinking against PostgreSQL (for debugging).
+settings.register_profile("noshrink", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+if os.environ.get("BILLING_NOSHRINK") == "1":
+    settings.load_profile("noshrink")
 
 # The benchmark runs only when asked for (./deploy/local.sh bench sets this).
 bench = pytest.mark.skipif(os.environ.get("BILLING_BENCH") != "1", reason="benchmark: ./deploy/local.sh bench")
@@ -200,10 +206,13 @@ def account(n: int) -> str:
 A, B, C = account(1), account(2), account(3)
 
 
+# Minute 0 of every test's data: a whole minute well in the past, fixed for the
+# whole session so times computed at different moments of a test agree.
+BASE = billing.minute_floor(datetime.now(UTC)) - 45 * MINUTE
+
+
 def at(minute: int, second: float = 0.0) -> datetime:
-    """A fixed point in the recent past: minute 0 is 40 minutes ago, whole minute."""
-    base = billing.minute_floor(datetime.now(UTC)) - 40 * MINUTE
-    return base + timedelta(minutes=minute, seconds=second)
+    return BASE + timedelta(minutes=minute, seconds=second)
 
 
 def rfc(stamp: datetime) -> str:
@@ -521,3 +530,766 @@ def test_errors_are_json(db, exporters, service):
     assert status == 413 and "larger than 65536 bytes" in body["error"]
     for path in ("/api/ping", "/healthz", "/v1/status"):
         assert svc.client.get(path).is_json
+
+
+# ---- billing invariants (SPEC section 6), property-based -------------------------
+
+NODES = ("node-a", "node-b")
+TAGS = ("", "xhttp", "tcp")
+# Dyadic prices and multipliers keep every amount exact in binary floating point,
+# so money sums compare exactly whatever order pages were applied in.
+PRICE = 0.5
+PROFILES = {B: dict(included=3000, price=0.25, region=1.5, line=2.0, version="pricing-v2"),
+            C: dict(included=0, price=0.0, region=0.0, line=4.0, version=" ")}
+
+
+@dataclass
+class Scenario:
+    """Cumulative counters per series, as exporters on NODES would report them."""
+    snapshots: list  # (collected_at, node_id, [(account, tag, up, down)]), in time order
+    accounts: list
+
+    def series(self):
+        return sorted({(node, s[0], s[1]) for _, node, samples in self.snapshots for s in samples})
+
+
+@st.composite
+def scenarios(draw, max_steps=10, start_minute=1):
+    nodes = NODES[:draw(st.integers(1, 2))]
+    accounts = draw(st.lists(st.sampled_from([A, B, C]), min_size=1, max_size=3, unique=True))
+    tags = draw(st.sampled_from([("",), ("xhttp",), ("xhttp", "tcp"), ("", "tcp")]))
+    totals = {(n, a, t): [0, 0] for n in nodes for a in accounts for t in tags}
+    snapshots = []
+    for node in nodes:
+        # Sub-minute snapshots, several per minute, and silent minutes.
+        offset = draw(st.integers(0, 59))
+        for _ in range(draw(st.integers(1, max_steps))):
+            offset += draw(st.sampled_from([0.25, 7, 20, 30, 59, 60, 61, 125, 240]))
+            samples = []
+            for account_id in accounts:
+                for tag in tags:
+                    action = draw(st.sampled_from(["grow", "grow", "grow", "same", "absent", "reset"]))
+                    counter = totals[(node, account_id, tag)]
+                    if action == "absent":
+                        continue
+                    if action == "grow":
+                        counter[0] += draw(st.integers(0, 5000))
+                        counter[1] += draw(st.integers(0, 5000))
+                    elif action == "reset":  # the exporter or xray restarted
+                        counter[0] = draw(st.integers(0, max(0, counter[0] - 1)))
+                        counter[1] = draw(st.integers(0, 5000))
+                    samples.append((account_id, tag, counter[0], counter[1]))
+            snapshots.append((at(start_minute, offset), node, samples))
+    snapshots.sort(key=lambda s: (s[0], s[1]))
+    return Scenario(snapshots, accounts)
+
+
+def expected_billing(deliveries, known) -> dict:
+    """I1, stated independently of the service: per series, the first applied
+    sample's totals plus every positive step between consecutive applied
+    samples; a sample at or before the last applied one changes nothing."""
+    last, billed = {}, {}
+    for stamp, node, samples in deliveries:
+        for account_id, tag, up, down in samples:
+            key = (f"{ENV}:{node}", account_id, tag)
+            if account_id not in known or (key in last and stamp <= last[key][0]):
+                continue
+            if key in last:
+                d_up, d_down = up - last[key][1], down - last[key][2]
+                step = 0 if d_up < 0 or d_down < 0 else d_up + d_down
+            else:
+                step = up + down
+            last[key] = (stamp, up, down)
+            billed[key] = billed.get(key, 0) + step
+    return billed
+
+
+def pricing_of(account_id) -> billing.Pricing:
+    defaults = billing.Pricing(0, PRICE, 1.0, "billing-service-v1")
+    profile = PROFILES.get(account_id)
+    if profile is None:
+        return defaults
+    return billing.effective_pricing((profile["included"], profile["price"], profile["region"], profile["line"],
+                                      profile["version"]), defaults)
+
+
+def check_invariants(billed: dict, buckets, ledger, quota, initial_balance=0.0):
+    """I1-I3 over rows: buckets (start, node, account, line, up, down, total),
+    ledger (account, rated_bytes, amount, balance_after) in application
+    order, quota {account: (remaining, balance)}."""
+    per_series, per_account = {}, {}
+    for _, node, account_id, line, up, down, total in buckets:
+        assert total == up + down >= 0  # I2
+        per_series[(node, account_id, line)] = per_series.get((node, account_id, line), 0) + total
+    assert {k: v for k, v in per_series.items() if v} == {k: v for k, v in billed.items() if v}  # I1
+    for (_, account_id, _), value in billed.items():
+        per_account[account_id] = per_account.get(account_id, 0) + value
+    for account_id, billed_bytes in per_account.items():
+        rows = [row for row in ledger if row[0] == account_id]
+        if billed_bytes == 0:
+            assert rows == [] and account_id not in quota
+            continue
+        remaining, balance = quota[account_id]
+        included = pricing_of(account_id).included_quota
+        assert sum(r[1] for r in rows) + (included - remaining) == billed_bytes  # I3 bytes
+        assert remaining == max(0, included - billed_bytes)  # included quota is used first
+        assert sum(r[2] for r in rows) == pytest.approx(balance - initial_balance, rel=1e-9, abs=1e-9)  # I3 money
+        running = initial_balance
+        for _, _, amount, balance_after in rows:  # I3 chain
+            running += amount
+            assert balance_after == pytest.approx(running, rel=1e-9, abs=1e-9)
+        price = pricing_of(account_id)
+        assert all(r[2] == pytest.approx(-r[1] * price.price_per_byte * price.multiplier) for r in rows)
+
+
+class CoreModel:
+    """The pure core driven the way the collector drives it, over dict "tables"
+    (this tests the core's arithmetic; the database path has its own tests)."""
+
+    def __init__(self, known):
+        self.known = set(known)
+        self.checkpoints, self.buckets, self.ledger, self.quota = {}, {}, {}, {}
+        self.ledger_order = []
+
+    def apply(self, snapshots):
+        snaps = [billing.Snapshot(stamp, f"{ENV}:{node}", [billing.Sample(a, t, u, d) for a, t, u, d in samples])
+                 for stamp, node, samples in sorted(snapshots, key=lambda s: s[0])]
+        open_buckets = {key for key, cp in self.checkpoints.items()
+                        if (billing.minute_floor(cp.last_seen_at), key[0].split("#")[0], key[1],
+                            key[0].partition("#")[2]) in self.buckets}
+        metered = billing.meter_page(snaps, self.known, self.checkpoints, open_buckets)
+        accounts = {inc.account for inc in metered.increments}
+        pricing = {a: pricing_of(a) for a in accounts}
+        quota = {a: self.quota.get(a) or billing.QuotaState(pricing[a].included_quota, 0.0) for a in accounts}
+        rated = billing.rate_increments(metered.increments, pricing, quota, "")
+        for bucket in rated.buckets:
+            key = (bucket.bucket_start, bucket.node_id, bucket.account, bucket.line_code)
+            up, down = self.buckets.get(key, (0, 0))
+            self.buckets[key] = (up + bucket.uplink, down + bucket.downlink)
+        for entry in rated.ledger:
+            assert entry.id not in self.ledger, "a fact applied twice (ledger primary key)"
+            self.ledger[entry.id] = entry
+            self.ledger_order.append(entry.id)
+        self.checkpoints.update(metered.checkpoints)
+        self.quota.update(rated.quota)
+        return metered
+
+    def state(self):
+        return (dict(self.checkpoints), dict(self.buckets), list(self.ledger_order),
+                {a: (q.remaining, q.balance) for a, q in self.quota.items()})
+
+    def check(self, billed):
+        buckets = [(k[0], k[1], k[2], k[3], up, down, up + down) for k, (up, down) in self.buckets.items()]
+        ledger = [(e.account, e.rated_bytes, e.amount, e.balance_after)
+                  for e in (self.ledger[i] for i in self.ledger_order)]
+        check_invariants(billed, buckets, ledger, {a: (q.remaining, q.balance) for a, q in self.quota.items()})
+
+
+def windows_of(snapshots, cuts):
+    """Split a time-ordered snapshot list into overlapping windows and pages."""
+    out = []
+    for start, length, page in cuts:
+        window = snapshots[start % max(1, len(snapshots)):][:length]
+        out.extend(window[i:i + page] for i in range(0, len(window), page))
+    return out
+
+
+cut_lists = st.lists(st.tuples(st.integers(0, 40), st.integers(1, 40), st.integers(1, 7)), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenario=scenarios(), cuts=cut_lists, replay_cuts=cut_lists, known_all=st.booleans())
+def test_core_invariants_under_any_delivery(scenario, cuts, replay_cuts, known_all):
+    known = scenario.accounts if known_all else scenario.accounts[1:]
+    model = CoreModel(known)
+    # Random overlapping windows in any order, then a full in-order sweep in pages.
+    deliveries = windows_of(scenario.snapshots, cuts) + windows_of(scenario.snapshots, [(0, 10**6, 3)])
+    for page in deliveries:
+        model.apply(page)
+    billed = expected_billing([s for page in deliveries for s in sorted(page, key=lambda s: s[0])], set(known))
+    model.check(billed)
+    # I4: any further overlapping or identical delivery changes nothing.
+    before = model.state()
+    for page in windows_of(scenario.snapshots, replay_cuts + [(0, 10**6, 5)]):
+        replayed = model.apply(page)
+        assert replayed.increments == [] and replayed.applied == 0
+    assert model.state() == before
+
+
+def test_core_sub_minute_samples_accumulate_in_one_bucket_with_distinct_ledger_ids():
+    model = CoreModel([A])
+    model.apply([(at(1, 5), NODE, [(A, "", 100, 0)]), (at(1, 30), NODE, [(A, "", 150, 20)])])
+    model.apply([(at(1, 45), NODE, [(A, "", 160, 20)])])  # same minute, next page
+    assert model.buckets == {(at(1), f"{ENV}:{NODE}", A, ""): (160, 20)}
+    ids = model.ledger_order
+    assert len(ids) == 3 == len(set(ids))
+    assert ids[0] == billing.ledger_id(at(1), f"{ENV}:{NODE}", A, "", "")
+    assert ids[2] == billing.ledger_id(at(1), f"{ENV}:{NODE}", A, "", "", at(1, 45))
+
+
+def test_core_two_inbounds_keep_separate_checkpoints():
+    model = CoreModel([A])
+    for minute in range(3):  # the old design ping-ponged one checkpoint between these
+        model.apply([(at(minute, 10), NODE, [(A, "xhttp", 1000 * (minute + 1), 0), (A, "tcp", 10 * (minute + 1), 0)])])
+    assert set(model.checkpoints) == {(f"{ENV}:{NODE}#xhttp", A), (f"{ENV}:{NODE}#tcp", A)}
+    assert sum(up for up, _ in model.buckets.values()) == 3000 + 30
+    assert all(cp.reset_epoch == 0 for cp in model.checkpoints.values())
+
+
+BILLING_TABLES = ("traffic_stat_checkpoints", "traffic_minute_buckets", "billing_ledger", "account_quota_states",
+                  "billing_source_sync_state", "billing_source_progress", "billing_job_runs", "billing_job_totals")
+
+
+def reset_database(db: Db, known):
+    db.q(f"TRUNCATE {', '.join(BILLING_TABLES)}, account_billing_profiles, users")
+    db.add_users(*known)
+    for account_id in known:
+        if account_id in PROFILES:
+            db.set_profile(account_id, **PROFILES[account_id])
+
+
+def db_invariant_rows(db: Db):
+    buckets = [row[:3] + (row[4],) + row[5:8] for row in db.buckets()]
+    ledger = db.q("""SELECT account_uuid::text, rated_bytes, amount_delta, balance_after FROM billing_ledger
+                     ORDER BY created_at, balance_after DESC""")
+    quota = {row[0]: (row[1], row[2]) for row in db.quota()}
+    return buckets, ledger, quota
+
+
+def row_versions(db: Db):
+    """xmin of every fact row: a replay that rewrote a row, even with equal
+    values, changes its xmin."""
+    return {table: db.q(f"SELECT xmin::text, * FROM {table} ORDER BY 2, 3") for table in BILLING_TABLES[:4]}
+
+
+def exporter_snapshots(scenario, node, until=None):
+    return [snap(stamp, *samples) for stamp, n, samples in scenario.snapshots
+            if n == node and (until is None or stamp <= until)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scenario=scenarios(max_steps=8, start_minute=-100), data=st.data())
+def test_invariants_end_to_end_through_postgres(db, exporters, scenario, data):
+    """Random counter series delivered by two real exporters in stages, with
+    random page sizes, rewound watermarks and ranged reconciles."""
+    known = scenario.accounts if data.draw(st.booleans(), "all known") else scenario.accounts[1:]
+    reset_database(db, known)
+    servers = {node: exporters([], node_id=node) for node in NODES}
+    svc = Service(service_env(db, [source(node, server) for node, server in servers.items()]))
+    for node in NODES:
+        db.set_watermark(node, at(-102))
+    times = [stamp for stamp, _, _ in scenario.snapshots]
+    # An exporter that has answered "nothing yet" cannot later produce the
+    # past (the watermark moved to `until`), so stages start once every node
+    # in the scenario has its first snapshot.
+    first = max(min(stamp for stamp, n, _ in scenario.snapshots if n == node)
+                for node in {n for _, n, _ in scenario.snapshots})
+    stages = sorted(data.draw(st.lists(st.sampled_from([t for t in times if t >= first]), max_size=3),
+                              "stages")) + [times[-1]]
+    for stage in stages:
+        for node, server in servers.items():
+            server.timeline = dx.ListTimeline(node, ENV, exporter_snapshots(scenario, node, stage))
+            server.page_cap = data.draw(st.sampled_from([None, 1, 2, 3]), "page cap")
+        if data.draw(st.booleans(), "rewind"):  # backwards only: moving it forward skips data on purpose
+            node = data.draw(st.sampled_from(NODES))
+            db.set_watermark(node, min(db.watermark(node), data.draw(st.sampled_from(times)) - 3 * MINUTE))
+        status, result = svc.post()
+        assert status == 200 and result["status"] in ("ok", "partial"), result
+        if data.draw(st.booleans(), "reconcile"):
+            since = data.draw(st.sampled_from(times), "since") - MINUTE
+            body = {"since": rfc(since), "until": rfc(since + data.draw(st.integers(1, 30)) * MINUTE)}
+            status, result = svc.post("reconcile", body)
+            assert status == 200 and result["status"] in ("ok", "partial"), result
+    check_invariants(expected_billing(scenario.snapshots, set(known)), *db_invariant_rows(db))
+    unknown = [a for a in scenario.accounts if a not in known]
+    if unknown and any(s[0] in unknown for _, _, samples in scenario.snapshots for s in samples):
+        assert "samples of unknown accounts skipped" in svc.post("reconcile", {
+            "since": rfc(times[0] - MINUTE), "until": rfc(times[-1])})[1]["error"]
+
+    # I4: rewound watermarks, ranged reconciles, other page sizes: no row changes.
+    before = row_versions(db)
+    for node, server in servers.items():
+        server.page_cap = data.draw(st.sampled_from([None, 1, 2]), "replay page cap")
+        db.set_watermark(node, at(-103))
+    assert svc.post()[1]["written_minutes"] == 0
+    result = svc.post("reconcile", {"since": rfc(times[0] - MINUTE), "until": rfc(times[-1])})[1]
+    assert result["written_minutes"] == 0 and result["replayed_minutes"] >= 0
+    assert row_versions(db) == before
+
+
+# ---- process model: real gunicorn, crashes, concurrency (SPEC 6, 9) ----------------
+
+class Gunicorn:
+    """billing-service under real gunicorn, in its own session so a test can
+    SIGKILL the master and every worker at once. Output goes to a file."""
+
+    def __init__(self, env: dict, workers: int = 2):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"PATH": os.environ["PATH"], **env, "LISTEN_ADDR": f"127.0.0.1:{self.port}",
+                    "WEB_CONCURRENCY": str(workers)}
+        handle, self.log_path = tempfile.mkstemp(prefix="billing-gunicorn-", suffix=".log")
+        os.close(handle)
+        self.proc = None
+
+    def start(self) -> "Gunicorn":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._answers, what="gunicorn answering /api/ping")
+        return self
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+        try:
+            return requests.get(self.url + "/api/ping", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def post(self, job="collect-and-rate", body=None, token=TOKEN, timeout=120):
+        response = requests.post(f"{self.url}/v1/jobs/{job}", data=None if body is None else json.dumps(body),
+                                 headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        return response.status_code, response.json()
+
+    def get(self, path, timeout=10):
+        return requests.get(self.url + path, timeout=timeout)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # graceful: workers stop their collector threads
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+
+@pytest.fixture
+def gunicorns():
+    started = []
+
+    def start(env: dict, workers: int = 2) -> Gunicorn:
+        server = Gunicorn(env, workers).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+        os.unlink(server.log_path)
+
+
+def backlog(node: str, accounts: list, count: int, seed: int, start_minute: int = -40, step: float = 20.0):
+    """`count` snapshots, `step` seconds apart, of random growth, counter
+    resets and absences for `accounts` on two inbounds: a catch-up window."""
+    rng = random.Random(seed)
+    totals = {(a, tag): [0, 0] for a in accounts for tag in ("xhttp", "tcp")}
+    snapshots = []
+    for i in range(count):
+        samples = []
+        for (account_id, tag), counter in totals.items():
+            roll = rng.random()
+            if roll < 0.05:
+                continue
+            if roll < 0.07:
+                counter[0], counter[1] = rng.randrange(0, 100), rng.randrange(0, 100)
+            else:
+                counter[0] += rng.randrange(0, 5000)
+                counter[1] += rng.randrange(0, 20000)
+            samples.append((account_id, tag, counter[0], counter[1]))
+        snapshots.append(snap(at(start_minute, i * step), *samples))
+    return snapshots
+
+
+class PageGate:
+    """An exporter fault hook that holds the `n`th page request until released:
+    the collecting worker then sits between two page transactions."""
+
+    def __init__(self, server, n: int):
+        self.n, self.seen = n, 0
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.server, self.previous = server, server.fault
+        server.fault = self._hook
+
+    def _hook(self, query):
+        self.seen += 1
+        if self.seen == self.n:
+            self.reached.set()
+            self.release.wait(60)
+        return self.previous(query) if self.previous else None
+
+    def remove(self) -> None:
+        self.release.set()
+        self.server.fault = self.previous
+
+
+class LedgerFreeze:
+    """Holds billing_ledger locked against inserts: the next page transaction
+    stops inside write_page, after its bucket upserts, before its ledger rows."""
+
+    def __init__(self, cluster, db: Db):
+        self.db = db
+        self.conn = psycopg2.connect(db.url)
+        with self.conn.cursor() as cur:
+            cur.execute("LOCK TABLE billing_ledger IN EXCLUSIVE MODE")
+
+    def blocked_backend(self):
+        rows = self.db.q("""SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                            AND wait_event_type = 'Lock' AND query ILIKE '%%billing_ledger%%'""")
+        return rows[0][0] if rows else None
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+
+
+def run_progress(db: Db, source_id: str):
+    """(when the source's current run started, pages it has committed)."""
+    rows = db.q("SELECT run_started_at, pages FROM billing_source_progress WHERE source_id = %s", (source_id,))
+    return rows[0] if rows else (None, 0)
+
+
+def pages_done(db: Db, source_id: str) -> int:
+    return run_progress(db, source_id)[1]
+
+
+def backend_gone(db: Db, pid: int) -> bool:
+    return not db.q("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+
+
+def reference_facts(cluster, server, known, sources=None, with_balance=True):
+    """The facts an uninterrupted, sequential run bills from the same exporters."""
+    ref = Db(cluster.new_database())
+    try:
+        reset_database(ref, known)
+        for s in sources or [source("a", server)]:
+            ref.set_watermark(s["source_id"], at(-60))
+        status, result = Service(service_env(ref, sources or [source("a", server)])).post()
+        assert status == 200 and result["status"] in ("ok", "partial"), result
+        return ref.facts(with_balance)
+    finally:
+        ref.close()
+
+
+CRASH_ACCOUNTS = [A, B] + [account(n) for n in range(10, 130)]
+
+
+def test_sigkill_at_any_point_of_a_catch_up_loses_and_doubles_nothing(cluster, db, exporters, gunicorns):
+    """SIGKILL gunicorn (master and workers) mid-page, between pages and at an
+    arbitrary moment, restart it each time: the facts equal an uninterrupted
+    run's, row for row, balances included."""
+    server = exporters(backlog(NODE, CRASH_ACCOUNTS, 90, seed=7))
+    server.page_cap = 2  # 45 pages
+    expected = reference_facts(cluster, server, CRASH_ACCOUNTS)
+    assert len(expected["ledger"]) > 10000
+    reset_database(db, CRASH_ACCOUNTS)
+    db.set_watermark("a", at(-60))
+    env = service_env(db, [source("a", server)])
+
+    def run_in_background(svc):
+        def post():
+            try:
+                svc.post()
+            except requests.RequestException:
+                pass  # killed under it: that is the point
+        thread = threading.Thread(target=post, daemon=True)
+        thread.start()
+        return thread
+
+    # 1. Mid-page: the page transaction has written its buckets, not its ledger rows.
+    svc = gunicorns(env)
+    thread = run_in_background(svc)
+    wait_for(lambda: pages_done(db, "a") >= 5, what="5 pages")
+    freeze = LedgerFreeze(cluster, db)
+    pid = wait_for(freeze.blocked_backend, what="a page transaction blocked on the ledger")
+    svc.kill()
+    freeze.release()
+    wait_for(lambda: backend_gone(db, pid), what="the killed worker's backend to end")
+    thread.join(10)
+    applied = pages_done(db, "a")
+    assert 5 <= applied < 45 and db.buckets() != expected["buckets"]
+
+    # 2. Between pages: the worker waits on the exporter for its next page.
+    svc = gunicorns(env)
+    gate = PageGate(server, 8)
+    thread = run_in_background(svc)
+    assert gate.reached.wait(60), svc.output()[-3000:]
+    svc.kill()
+    gate.remove()
+    thread.join(10)
+
+    # 3. Whenever: as soon as two more pages have committed.
+    svc = gunicorns(env)
+    previous = run_progress(db, "a")[0]
+    thread = run_in_background(svc)
+    wait_for(lambda: run_progress(db, "a")[0] != previous and run_progress(db, "a")[1] >= 2,
+             what="two pages of a new run")
+    svc.kill()
+    thread.join(10)
+
+    # Finally an undisturbed run finishes the backlog.
+    svc = gunicorns(env)
+    status, result = svc.post()
+    assert status == 200 and result["status"] == "ok", result
+    assert db.facts() == expected
+    assert db.watermark("a") == at(-40, 89 * 20.0)
+
+
+def test_connection_terminated_mid_page_loses_and_doubles_nothing(cluster, db, exporters):
+    """pg_terminate_backend on the collecting connection while its page
+    transaction is half written, twice: the source fails cleanly (no secret
+    in the error), the next runs finish, and the facts equal an
+    uninterrupted run's."""
+    server = exporters(backlog(NODE, CRASH_ACCOUNTS, 60, seed=11))
+    server.page_cap = 2
+    expected = reference_facts(cluster, server, CRASH_ACCOUNTS)
+    reset_database(db, CRASH_ACCOUNTS)
+    db.set_watermark("a", at(-60))
+    svc = Service(service_env(db, [source("a", server)]))
+    for pages in (3, 12):
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(svc.post()))
+        thread.start()
+        wait_for(lambda: pages_done(db, "a") >= pages, what=f"{pages} pages")
+        freeze = LedgerFreeze(cluster, db)
+        pid = wait_for(freeze.blocked_backend, what="a page transaction blocked on the ledger")
+        assert db.one("SELECT pg_terminate_backend(%s)", (pid,)) == (True,)
+        freeze.release()
+        thread.join(60)
+        (status, result), = answers
+        assert status == 503 and result["status"] == "error", result
+        error = result["source_statuses"][0]["last_error"]
+        assert error.startswith("database error: ") and DB_PASSWORD not in json.dumps(result), error
+        assert db.facts() != expected
+    status, result = svc.post()
+    assert status == 200 and result["status"] == "ok", result
+    assert db.facts() == expected
+
+
+def test_workers_and_simultaneous_jobs_over_shared_accounts_bill_like_one_sequential_run(
+        cluster, db, exporters, gunicorns):
+    """Three gunicorn workers, each with its collector thread, plus 8
+    simultaneous collect/reconcile calls, over two sources that bill the same
+    accounts: no deadlock, no error, and the rows of one sequential run."""
+    accounts = CRASH_ACCOUNTS[:60]
+    servers = [exporters(backlog(node, accounts, 30, seed=n), node_id=node) for n, node in enumerate(NODES)]
+    for server in servers:
+        server.page_cap = 3
+    sources = [source(node, server) for node, server in zip(NODES, servers)]
+    expected = reference_facts(cluster, None, accounts, sources, with_balance=False)
+    reset_database(db, accounts)
+    for node in NODES:
+        db.set_watermark(node, at(-60))
+    svc = gunicorns(service_env(db, sources, COLLECT_INTERVAL="1s"), workers=3)
+    window = {"since": rfc(at(-45)), "until": rfc(at(-20))}
+    calls = [("collect-and-rate", None), ("reconcile", None), ("reconcile", window),
+             ("reconcile", {**window, "source_id": NODES[1]})] * 2
+    answers = [None] * len(calls)
+
+    def call(i):
+        answers[i] = svc.post(*calls[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for status, result in answers:
+        assert (status, result["status"]) in ((200, "ok"), (409, "busy")), result
+    status, result = svc.post()  # whatever was busy above is done now
+    assert status == 200 and result["status"] == "ok", result
+    svc.stop()
+    output = svc.output()
+    assert "deadlock" not in output.lower() and "Traceback" not in output
+    facts = db.facts(with_balance=False)
+    # Included quota goes to whichever page comes first, so B's rows may
+    # split differently; its totals may not.
+    for table in ("buckets", "checkpoints"):
+        assert facts[table] == expected[table], table
+    assert [r for r in facts["ledger"] if r[1] != B] == [r for r in expected["ledger"] if r[1] != B]
+    assert [r[:4] + r[5:] for r in facts["quota"] if r[0] != B] == \
+        [r[:4] + r[5:] for r in expected["quota"] if r[0] != B]
+    # B's ledger and quota, whatever the split: I3 against the (equal) buckets.
+    billed = {}
+    for _, node, account_id, _, line, _, _, total, *_ in facts["buckets"]:
+        billed[(node, account_id, line)] = billed.get((node, account_id, line), 0) + total
+    check_invariants(billed, *db_invariant_rows(db))
+
+
+def test_unknown_accounts_are_skipped_counted_and_do_not_hold_the_source(db, exporters, service):
+    stranger = str(uuid.uuid4())
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [
+        snap(at(1), (A, "xhttp", 100, 0), (stranger, "xhttp", 500, 500)),
+        snap(at(2), (A, "xhttp", 150, 0), (stranger, "xhttp", 900, 900))])
+    status, result = svc.post()
+    assert status == 200 and result["status"] == "partial", result
+    assert result["unknown_account_samples"] == 2
+    assert "a: 2 samples of unknown accounts skipped" in result["error"]
+    assert [(r[2], r[7]) for r in db.buckets()] == [(A, 100), (A, 50)]
+    assert {r[1] for r in db.ledger()} == {A} and db.watermark("a") == at(2)
+
+
+def test_a_run_waits_for_a_busy_source_then_says_busy(db, exporters, service):
+    """Another writer (here: the test itself) holds the source's lock: the
+    HTTP run waits BUSY_WAIT_SECONDS, then answers 409 without touching it."""
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [snap(at(1), (A, "xhttp", 100, 0))])
+    holder = psycopg2.connect(db.url)
+    assert billing.try_lock_source(holder, "a")
+    try:
+        began = time.monotonic()
+        status, result = svc.post()
+        waited = time.monotonic() - began
+    finally:
+        holder.close()
+    assert status == 409 and result["status"] == "busy", result
+    assert result["source_statuses"][0]["state"] == "busy"
+    assert billing.BUSY_WAIT_SECONDS <= waited < billing.BUSY_WAIT_SECONDS + 5
+    assert db.buckets() == [] and db.watermark("a") == at(-1) and server.requests == []
+    assert svc.post()[0] == 200 and len(db.buckets()) == 1
+
+
+# ---- benchmark: ./deploy/local.sh bench [--full] (skipped by the test command) -------
+
+def worker_pids(master_pid: int) -> list:
+    with open(f"/proc/{master_pid}/task/{master_pid}/children") as children:
+        return [int(pid) for pid in children.read().split()]
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def per_sample_baseline(url: str, samples: list, node: str, price: float) -> float:
+    """The original design's write path, for comparison: every read and write
+    of every sample its own round trip (about ten), one commit per sample.
+    Returns samples per second."""
+    conn = psycopg2.connect(url)
+    began = time.perf_counter()
+    with conn.cursor() as cur:
+        for stamp, account_id, tag, up, down in samples:
+            minute = billing.minute_floor(stamp)
+            cur.execute("SELECT 1 FROM users WHERE uuid = %s", (account_id,))
+            cur.fetchone()
+            cur.execute("SELECT last_uplink_total, last_downlink_total FROM traffic_stat_checkpoints "
+                        "WHERE node_id = %s AND account_uuid = %s FOR UPDATE", (node + "#" + tag, account_id))
+            last = cur.fetchone() or (0, 0)
+            delta = max(0, up - last[0]) + max(0, down - last[1])
+            cur.execute("""INSERT INTO traffic_stat_checkpoints (node_id, account_uuid, last_uplink_total,
+                           last_downlink_total, last_seen_at) VALUES (%s, %s, %s, %s, %s)
+                           ON CONFLICT (node_id, account_uuid) DO UPDATE SET last_uplink_total = EXCLUDED.
+                           last_uplink_total, last_downlink_total = EXCLUDED.last_downlink_total,
+                           last_seen_at = EXCLUDED.last_seen_at""", (node + "#" + tag, account_id, up, down, stamp))
+            cur.execute("SELECT total_bytes FROM traffic_minute_buckets WHERE bucket_start = %s AND node_id = %s "
+                        "AND account_uuid = %s AND region = '' AND line_code = %s", (minute, node, account_id, tag))
+            cur.fetchone()
+            cur.execute("""INSERT INTO traffic_minute_buckets (bucket_start, node_id, account_uuid, region, line_code,
+                           uplink_bytes, downlink_bytes, total_bytes, multiplier, source_revision)
+                           VALUES (%s, %s, %s, '', %s, %s, 0, %s, 1, 'baseline')
+                           ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE
+                           SET total_bytes = traffic_minute_buckets.total_bytes + EXCLUDED.total_bytes""",
+                        (minute, node, account_id, tag, delta, delta))
+            cur.execute("SELECT * FROM account_billing_profiles WHERE account_uuid = %s", (account_id,))
+            cur.fetchone()
+            cur.execute("""INSERT INTO account_quota_states (account_uuid) VALUES (%s)
+                           ON CONFLICT (account_uuid) DO UPDATE SET current_balance = account_quota_states.
+                           current_balance - %s RETURNING current_balance""", (account_id, delta * price))
+            balance = cur.fetchone()[0]
+            cur.execute("""INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type,
+                           rated_bytes, amount_delta, balance_after, pricing_rule_version)
+                           VALUES (%s, %s, %s, %s, 'traffic_charge', %s, %s, %s, 'baseline')""",
+                        (str(uuid.uuid4()), account_id, minute, minute + MINUTE, delta, -delta * price, balance))
+            conn.commit()
+    elapsed = time.perf_counter() - began
+    conn.close()
+    return len(samples) / elapsed
+
+
+@bench
+def test_bench_backlog_catch_up():
+    """A backlog of SNAPSHOTS x ACCOUNTS samples (one inbound each) from the
+    demo exporter's synthetic timeline (own process, over HTTP) into a durable
+    PostgreSQL through real gunicorn; prints one line per figure."""
+    full = os.environ.get("BENCH_FULL") == "1"
+    n_accounts = int(os.environ.get("BENCH_ACCOUNTS", "10000"))
+    n_snapshots = int(os.environ.get("BENCH_SNAPSHOTS", "1440" if full else "120"))
+    directory = tempfile.mkdtemp(prefix="billing-bench-pg-")
+    os.chmod(directory, 0o755)
+    pg = Cluster(directory, durable=True)
+    exporter = service = None
+    try:
+        db = Db(pg.new_database())
+        accounts = dx.demo_accounts(n_accounts)
+        db.q("INSERT INTO users (uuid) SELECT unnest(%s::uuid[])", (accounts,))
+        port = free_port()
+        exporter = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "deploy", "demo_exporter.py"), "--port", str(port),
+             "--token", TOKEN, "--accounts", str(n_accounts), "--history-minutes", str(n_snapshots),
+             "--step", "60"], stdout=subprocess.PIPE, text=True)
+        exporter.stdout.readline()  # its banner: listening
+        now = billing.minute_floor(datetime.now(UTC))
+        db.set_watermark("bench", now - (n_snapshots + 5) * MINUTE)
+        bench_source = {"source_id": "bench", "base_url": f"http://127.0.0.1:{port}",
+                        "expected_node_id": "demo-node", "expected_env": "demo", "timeout_seconds": 120}
+        service = Gunicorn(service_env(db, [bench_source], PRICE_PER_BYTE="0.000001"), workers=1).start()
+        worker, = worker_pids(service.proc.pid)
+        rss_before = peak_rss_mb(worker)
+        began = time.perf_counter()
+        status, result = service.post(timeout=4 * 3600)
+        elapsed = time.perf_counter() - began
+        assert status == 200 and result["status"] == "ok", result
+        rss_peak = peak_rss_mb(worker)
+        run = result["source_statuses"][0]
+        samples = result["processed_samples"]
+        snapshots = samples // n_accounts
+        assert samples == snapshots * n_accounts and snapshots >= n_snapshots - 1
+        # Speed buys nothing off the bill: every snapshot of every account is in it.
+        per_snapshot = sum(4000 + i % 7 + i % 11 for i in range(n_accounts))
+        assert db.one("SELECT sum(total_bytes) FROM traffic_minute_buckets") == (snapshots * per_snapshot,)
+
+        # The baseline: the first snapshots, one sample at a time, on a fresh database.
+        base_db = Db(pg.new_database())
+        base_db.q("INSERT INTO users (uuid) SELECT unnest(%s::uuid[])", (accounts,))
+        body = requests.get(f"http://127.0.0.1:{port}/v1/snapshots/window", timeout=120, params={
+            "since": rfc(now - (n_snapshots + 5) * MINUTE), "until": rfc(now), "limit": 1},
+            headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        baseline_samples = [(billing.parse_time(s["collected_at"]), x["uuid"], x["inbound_tag"],
+                             x["uplink_bytes_total"], x["downlink_bytes_total"])
+                            for s in body["snapshots"] for x in s["samples"]][:int(os.environ.get("BENCH_BASELINE",
+                                                                                                  "5000"))]
+        baseline = per_sample_baseline(base_db.url, baseline_samples, "demo:demo-node", 0.000001)
+        base_db.close()
+        db.close()
+
+        rate = samples / elapsed
+        print(f"\nbench: backlog {snapshots} snapshots x {n_accounts} accounts = {samples} samples, "
+              f"{run['pages']} pages, durable PostgreSQL, gunicorn gthread worker")
+        print(f"bench: samples/s {rate:,.0f} ({elapsed:.1f} s; a day of 14.4M samples would take "
+              f"{14_400_000 / rate / 60:.1f} min)")
+        print(f"bench: baseline samples/s {baseline:,.0f} (per-sample round trips, {len(baseline_samples)} samples)")
+        print(f"bench: ratio {rate / baseline:.1f}x")
+        print(f"bench: peak RSS of the collecting worker {rss_peak:.0f} MB (after start-up: {rss_before:.0f} MB)")
+        print(f"bench: SQL statements per page {run['sql_statements'] / run['pages']:.1f} "
+              f"({run['sql_statements']} statements, {run['pages']} pages)")
+    finally:
+        if service is not None:
+            service.stop()
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait(10)
+        pg.stop()
