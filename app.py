@@ -12,6 +12,8 @@ access, so importing this module for its pure parts needs no configuration).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -24,8 +26,9 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
 
@@ -33,6 +36,7 @@ import flask
 import psycopg2
 import psycopg2.extensions
 import requests
+import urllib3
 from werkzeug.exceptions import HTTPException
 
 UTC = timezone.utc
@@ -382,10 +386,12 @@ class Page:
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a page with ~300k samples; far past any sane page
 MAX_PAGE_LIMIT = 120  # snapshots per page, the exporter protocol's page size
-PAGE_SAMPLE_TARGET = 20000  # samples per page we aim for, to bound memory
+PAGE_SAMPLE_TARGET = 50000  # samples per page we aim for: bounds memory, amortizes per-page work
 MAX_COUNTER = 2**63 - 1
 MAX_LABEL = 255
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# NUL and lone surrogates (JSON "\ud800"): no UTF-8 form, PostgreSQL and URLs cannot take them.
+_UNENCODABLE = re.compile("[\x00\ud800-\udfff]")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
@@ -412,6 +418,7 @@ def parse_time(text) -> datetime | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)  # a page formats the same minutes over and over
 def format_time(stamp: datetime | None) -> str | None:
     if stamp is None:
         return None
@@ -450,7 +457,7 @@ def parse_sample(raw) -> Sample | None:
     tag = raw.get("inbound_tag")
     if tag is None:
         tag = ""
-    elif type(tag) is not str or len(tag) > MAX_LABEL or "\x00" in tag:
+    elif type(tag) is not str or len(tag) > MAX_LABEL or _UNENCODABLE.search(tag):
         return None
     return Sample(account, tag, up, down)
 
@@ -458,7 +465,7 @@ def parse_sample(raw) -> Sample | None:
 def _label(raw, what: str, default: str) -> str:
     if raw is None:
         return default
-    if not isinstance(raw, str) or len(raw) > MAX_LABEL or "\x00" in raw:
+    if not isinstance(raw, str) or len(raw) > MAX_LABEL or _UNENCODABLE.search(raw):
         raise ExporterError(f"malformed page: {what} is not a short string")
     return raw
 
@@ -576,7 +583,9 @@ class ExporterClient:
                 if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
                     raise ExporterError(f"exporter page is larger than {MAX_BODY_BYTES} bytes")
                 body = bytearray()
-                for chunk in response.iter_content(256 * 1024):
+                # read1 returns what has arrived; iter_content would wait for a whole chunk,
+                # so a byte-a-second exporter would never reach the deadline check below.
+                while chunk := response.raw.read1(256 * 1024, decode_content=True):
                     body += chunk
                     if len(body) > MAX_BODY_BYTES:
                         raise ExporterError(f"exporter page is larger than {MAX_BODY_BYTES} bytes")
@@ -585,13 +594,17 @@ class ExporterClient:
         except requests.exceptions.SSLError:
             raise ExporterError("TLS handshake or certificate verification failed "
                                 "(check ca_bundle / client_cert)") from None
-        except requests.exceptions.Timeout:
+        except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError):
             raise ExporterError(f"exporter did not answer within {timeout:g}s") from None
         except requests.exceptions.ConnectionError:
             raise ExporterError("could not connect to the exporter") from None
         except requests.exceptions.RequestException as exc:
             # requests' messages can echo URLs; keep only the kind of failure.
             raise ExporterError(f"request failed ({type(exc).__name__})") from None
+        except urllib3.exceptions.HTTPError as exc:  # from reading the body (read1)
+            raise ExporterError(f"request failed ({type(exc).__name__})") from None
+        except OSError:  # requests checks the TLS file paths itself; a rotation can remove one
+            raise ExporterError("a TLS file (ca_bundle / client_cert / client_key) is missing or unreadable") from None
         return parse_page(bytes(body), self.source, since, until)
 
 
@@ -679,7 +692,7 @@ class Database:
         return psycopg2.connect(
             self._dsn, connection_factory=_Connection, cursor_factory=_CountingCursor,
             connect_timeout=self._connect_timeout, application_name="billing-service",
-            keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+            keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3, tcp_user_timeout=30000,
             options="-c TimeZone=UTC -c lock_timeout=60000 -c idle_in_transaction_session_timeout=600000")
 
     @contextmanager
@@ -826,19 +839,30 @@ CREATE TEMP TABLE IF NOT EXISTS page_checkpoints (
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_rows(cur, table: str, rows) -> None:
-    """COPY rows (tuples of str/int/float/datetime/None) into a scratch table."""
-    out = io.StringIO()
-    for row in rows:
-        out.write("\t".join(
-            "\\N" if value is None
-            else value.translate(_COPY_ESCAPES) if isinstance(value, str)
-            else value.isoformat() if isinstance(value, datetime)
-            else repr(value)
-            for value in row))
-        out.write("\n")
-    out.seek(0)
-    cur.copy_expert(f"COPY {table} FROM STDIN", out)
+class _CopyText(dict):
+    """COPY text format of labels, times and None, memoized: a page repeats the
+    same few nodes, tags, versions and minutes over thousands of rows.
+    Integers go in as str(int); account UUIDs are canonical (parse_sample)."""
+
+    def __missing__(self, value):
+        if value is None:
+            text = "\\N"
+        elif isinstance(value, str):
+            text = value.translate(_COPY_ESCAPES)
+        elif isinstance(value, datetime):
+            text = value.isoformat()
+        else:
+            text = repr(value)
+        self[value] = text
+        return text
+
+
+def _copy_lines(cur, table: str, lines: list) -> None:
+    """COPY already formatted lines (one per row, tab-separated) into a scratch table."""
+    data = "".join(lines)
+    # One read of the whole buffer: each read takes the GIL, which the thread
+    # rating the next page holds most of the time.
+    cur.copy_expert(f"COPY {table} FROM STDIN", io.StringIO(data), size=max(8192, len(data)))
 
 
 def load_series(conn, series: list, region: str):
@@ -847,7 +871,9 @@ def load_series(conn, series: list, region: str):
     the checkpoints, and which series' last-seen minute already has a bucket."""
     with conn.cursor() as cur:
         cur.execute(_TEMP_TABLES)
-        _copy_rows(cur, "page_series", series)
+        t = _CopyText().__getitem__
+        _copy_lines(cur, "page_series", [f"{t(sn)}\t{t(node)}\t{t(line)}\t{account}\n"
+                                         for sn, node, line, account in series])
         cur.execute("SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s ON s.account_uuid = u.uuid")
         known = {row[0] for row in cur.fetchall()}
         # FOR UPDATE in key order: two writers of one series (a source
@@ -886,7 +912,7 @@ def lock_quota_states(conn, initial: dict) -> dict:
     """Create missing quota rows from ``initial`` (account -> QuotaState), then
     lock every one of them in account order (a fixed order: no deadlocks)."""
     with conn.cursor() as cur:
-        _copy_rows(cur, "page_quota", ((a, q.remaining, q.balance, None) for a, q in initial.items()))
+        _copy_lines(cur, "page_quota", [f"{a}\t{q.remaining}\t{q.balance!r}\t\\N\n" for a, q in initial.items()])
         cur.execute(
             """INSERT INTO account_quota_states (account_uuid, remaining_included_quota, current_balance,
                                                  arrears, throttle_state, suspend_state)
@@ -905,11 +931,12 @@ def lock_quota_states(conn, initial: dict) -> dict:
 
 def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict) -> None:
     """Write one page's facts (inside the page transaction; the caller commits)."""
+    t = _CopyText().__getitem__
     with conn.cursor() as cur:
         if buckets:
-            _copy_rows(cur, "page_buckets", (
-                (b.bucket_start, b.node_id, b.account, b.line_code, b.uplink, b.downlink, b.multiplier, b.version)
-                for b in buckets))
+            _copy_lines(cur, "page_buckets", [
+                f"{t(b.bucket_start)}\t{t(b.node_id)}\t{b.account}\t{t(b.line_code)}\t{b.uplink}\t{b.downlink}\t"
+                f"{b.multiplier!r}\t{t(b.version)}\n" for b in buckets])
             # Bytes accumulate: a second sample of a minute adds, never overwrites.
             cur.execute(
                 """INSERT INTO traffic_minute_buckets AS t
@@ -926,9 +953,9 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                        source_revision = EXCLUDED.source_revision, updated_at = now()""",
                 (region,))
         if ledger:
-            _copy_rows(cur, "page_ledger", (
-                (i, e.id, e.account, e.bucket_start, e.rated_bytes, e.amount, e.balance_after, e.version)
-                for i, e in enumerate(ledger)))
+            _copy_lines(cur, "page_ledger", [
+                f"{i}\t{e.id}\t{e.account}\t{t(e.bucket_start)}\t{e.rated_bytes}\t{e.amount!r}\t"
+                f"{e.balance_after!r}\t{t(e.version)}\n" for i, e in enumerate(ledger)])
             # A plain INSERT: the deterministic id makes a fact applied twice a
             # primary-key error that rolls the page back, never a second charge.
             cur.execute(
@@ -938,9 +965,9 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                           rated_bytes, amount_delta, balance_after, version, clock_timestamp()
                    FROM page_ledger ORDER BY seq""")
         if checkpoints:
-            _copy_rows(cur, "page_checkpoints", (
-                (node, account, c.uplink, c.downlink, c.last_seen_at, c.reset_epoch)
-                for (node, account), c in checkpoints.items()))
+            _copy_lines(cur, "page_checkpoints", [
+                f"{t(node)}\t{account}\t{c.uplink}\t{c.downlink}\t{t(c.last_seen_at)}\t{c.reset_epoch}\n"
+                for (node, account), c in checkpoints.items()])
             cur.execute(
                 """INSERT INTO traffic_stat_checkpoints AS t
                      (node_id, account_uuid, last_uplink_total, last_downlink_total, last_seen_at, reset_epoch)
@@ -952,8 +979,9 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                        last_seen_at = EXCLUDED.last_seen_at, reset_epoch = EXCLUDED.reset_epoch,
                        updated_at = now()""")
         if quota:
-            _copy_rows(cur, "page_quota", (
-                (account, q.remaining, q.balance, q.last_rated_bucket_at) for account, q in quota.items()))
+            _copy_lines(cur, "page_quota", [
+                f"{account}\t{q.remaining}\t{q.balance!r}\t{t(q.last_rated_bucket_at)}\n"
+                for account, q in quota.items()])
             cur.execute(
                 """UPDATE account_quota_states q
                    SET remaining_included_quota = p.remaining, current_balance = p.balance,
@@ -1095,16 +1123,26 @@ def page_series(snapshots) -> list:
 
 
 _KEY_NAMESPACE = uuid.NAMESPACE_OID
+_KEY_HASH = hashlib.sha1(_KEY_NAMESPACE.bytes)
 
 
 def ledger_id(bucket_start: datetime, node: str, account: str, region: str, line_code: str,
               increment_at: datetime | None = None) -> str:
     """Deterministic ledger id. The first increment of a bucket keeps the
-    established key; later increments of the same bucket add the sample time."""
+    established key; later increments of the same bucket add the sample time.
+
+    It is uuid.uuid5(_KEY_NAMESPACE, name), spelled out: uuid5 builds two UUID
+    objects per call, and a catch-up makes one id per sample."""
     name = f"{format_time(bucket_start)}|{node}|{account}|{region}|{line_code}"
     if increment_at is not None:
         name += f"|{format_time(increment_at)}"
-    return str(uuid.uuid5(_KEY_NAMESPACE, name))
+    digest = _KEY_HASH.copy()
+    digest.update(name.encode())
+    raw = bytearray(digest.digest()[:16])
+    raw[6] = raw[6] & 0x0F | 0x50  # version 5
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(slots=True)
@@ -1206,7 +1244,8 @@ def rate_increments(increments, pricing: dict, quota: dict, region: str) -> Rate
 
         state = quotas.get(account)
         if state is None:
-            state = quotas[account] = replace(quota[account])
+            start = quota[account]
+            state = quotas[account] = QuotaState(start.remaining, start.balance, start.last_rated_bucket_at)
         total = inc.uplink + inc.downlink
         used = min(state.remaining, total)
         chargeable = total - used
@@ -1220,6 +1259,62 @@ def rate_increments(increments, pricing: dict, quota: dict, region: str) -> Rate
                       None if inc.first else inc.collected_at),
             account, inc.bucket_start, chargeable, amount, state.balance, price.version))
     return RatedPage(list(buckets.values()), ledger, quotas)
+
+
+@dataclass
+class PageReads:
+    """What a page transaction reads for the core, restricted to the page: the
+    accounts that exist, the series checkpoints, the series whose checkpoint
+    minute has a bucket, and the pricing and quota of the charged accounts."""
+    known: set
+    checkpoints: dict
+    open_buckets: set
+    pricing: dict
+    quota: dict
+
+
+@dataclass
+class Guess:
+    """A page rated ahead of its transaction, against predicted reads."""
+    reads: PageReads
+    metered: MeteredPage
+    rated: RatedPage
+
+
+def reads_after(reads: PageReads, metered: MeteredPage, rated: RatedPage) -> PageReads:
+    """The reads the next page's transaction will see if nobody else writes
+    in between: this page's reads with its own writes applied."""
+    checkpoints = {**reads.checkpoints, **metered.checkpoints}
+    written = {(series_node(i.node_id, i.line_code), i.account, i.bucket_start) for i in metered.increments}
+    open_buckets = set()
+    for key, cp in checkpoints.items():
+        minute = minute_floor(cp.last_seen_at)
+        before = reads.checkpoints.get(key)
+        if (*key, minute) in written or (key in reads.open_buckets and before is not None
+                                         and minute_floor(before.last_seen_at) == minute):
+            open_buckets.add(key)
+    return PageReads(set(reads.known), checkpoints, open_buckets, dict(reads.pricing),
+                     {**reads.quota, **rated.quota})
+
+
+def guess_page(snapshots, prior: PageReads, region: str) -> Guess | None:
+    """Meter and rate a page against ``prior`` (see reads_after). Pure, and
+    only a guess: the page transaction compares ``reads`` with what it really
+    reads and uses the result only when they are equal, so the outcome is the
+    one the core computes from the real reads. None when ``prior`` does not
+    cover the page's charged accounts."""
+    series = page_series(snapshots)
+    keys = {(s[0], s[3]) for s in series}
+    metered = meter_page(snapshots, prior.known, prior.checkpoints, prior.open_buckets)
+    charged = sorted({inc.account for inc in metered.increments})
+    if any(a not in prior.pricing or a not in prior.quota for a in charged):
+        return None
+    pricing = {a: prior.pricing[a] for a in charged}
+    quota = {a: prior.quota[a] for a in charged}
+    reads = PageReads(prior.known & {s[3] for s in series},
+                      {k: prior.checkpoints[k] for k in keys if k in prior.checkpoints},
+                      prior.open_buckets & keys, pricing, quota)
+    return Guess(reads, metered, rate_increments(metered.increments, pricing, quota, region))
 
 
 # ---- HTTP routes: probes, status, metrics and the token-guarded job endpoints --
@@ -1395,6 +1490,8 @@ def make_wsgi_app(config: Config, db: Database, run_job) -> flask.Flask:
                       remote_addr=flask.request.remote_addr, failures=auth_failures["count"])
             return flask.jsonify(error="missing or wrong service token"), 401
         body = flask.request.get_data(cache=False)  # over the cap: 413
+        if len(body) >= MAX_REQUEST_BYTES and flask.request.content_length is None:
+            flask.abort(413)  # werkzeug cuts a chunked body at the cap instead of refusing it
         source_ids, window = None, None
         if window_allowed:
             try:
@@ -1556,6 +1653,7 @@ class Collector:
                         for s in config.sources}
         self.defaults = Pricing(config.initial_included_quota, config.price_per_byte, 1.0, config.source_revision)
         self._page_limits: dict = {}  # learned per source: snapshots per page that fit PAGE_SAMPLE_TARGET
+        self.guesses_used = 0  # pages whose ahead-of-time rating matched the real reads (tests look)
         self._stop = threading.Event()
         self._thread = None
 
@@ -1629,48 +1727,73 @@ class Collector:
         set_progress_window(conn, sid, since, until)
         client = self.clients[sid]
         cursor, last_at, empty_pages = "", None, 0
+        # One page ahead: the next page downloads and parses while this one is
+        # written (the GIL is free while PostgreSQL works). Pages apply in order.
+        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ahead-{sid}")
+        guess = None  # the page being fetched, rated ahead against predicted reads (a Future)
+
+        def rate_next_ahead(prior: PageReads) -> None:
+            nonlocal guess
+            if pending is not None:
+                fetched = pending
+                guess = ahead.submit(lambda: guess_page(fetched.result().snapshots, prior, self.config.region))
+
         try:
-            while True:
-                if run.pages >= self.config.max_pages_per_run:
-                    raise ExporterError(f"more than {self.config.max_pages_per_run} pages in one run "
-                                        "(MAX_PAGES_PER_RUN); the next run continues")
-                if self._stop.is_set():
-                    raise ExporterError("interrupted: the worker is stopping; the next run continues")
-                page = client.fetch(since, until, self._page_limits.get(sid, 1), cursor)
+            pending = ahead.submit(client.fetch, since, until, self._page_limits.get(sid, 1), cursor)
+            while pending is not None:
+                page, pending = pending.result(), None
+                this_guess, guess = guess, None
+                # Checked before the page is applied: a page that breaks the protocol is rejected whole.
+                if page.has_more and not page.next_cursor:
+                    raise ExporterError("protocol error: has_more without a next_cursor")
+                if page.has_more and page.next_cursor == cursor:
+                    raise ExporterError("protocol error: next_cursor did not advance")
                 run.pages += 1
                 run.invalid_samples += page.invalid_samples
                 if page.snapshots:
                     per_snapshot = max(1, -(-page.sample_count // len(page.snapshots)))
                     self._page_limits[sid] = max(1, min(MAX_PAGE_LIMIT, PAGE_SAMPLE_TARGET // per_snapshot))
-                    run.add(self._apply_page(conn, sid, page, move_watermark=window is None))
-                    last_at = page.snapshots[-1].collected_at
                     empty_pages = 0
                 else:
                     self._page_limits.setdefault(sid, MAX_PAGE_LIMIT)
                     empty_pages += 1
-                if not page.has_more:
-                    break
-                if not page.next_cursor:
-                    raise ExporterError("protocol error: has_more without a next_cursor")
-                if page.next_cursor == cursor:
-                    raise ExporterError("protocol error: next_cursor did not advance")
-                if empty_pages >= MAX_EMPTY_PAGES:
-                    raise ExporterError(f"protocol error: {empty_pages} empty pages in a row with has_more")
-                cursor = page.next_cursor
+                stop_after = self._stop_reason(run.pages, empty_pages) if page.has_more else ""
+                if page.has_more and not stop_after:
+                    cursor = page.next_cursor
+                    pending = ahead.submit(client.fetch, since, until, self._page_limits[sid], cursor)
+                if page.snapshots:
+                    run.add(self._apply_page(conn, sid, page, window is None, this_guess, rate_next_ahead))
+                    last_at = page.snapshots[-1].collected_at
+                if stop_after:
+                    raise ExporterError(stop_after)
         except ExporterError as exc:
             run.sql_statements = conn.statements - statements_before
             self._fail(run, str(exc))
             return
+        finally:
+            ahead.shutdown(wait=False, cancel_futures=True)
         # A ranged reconcile replays the past on purpose: it never moves the watermark.
         completed = None if window else (last_at if last_at is not None and last_at < until else until)
         run.watermark = finish_source_run(conn, sid, completed, utcnow(), "")
         run.sql_statements = conn.statements - statements_before
 
-    def _apply_page(self, conn, source_id: str, page: Page, move_watermark: bool) -> MeteredPage:
+    def _stop_reason(self, pages: int, empty_pages: int) -> str:
+        """Why a run must not ask for another page ("" when it may)."""
+        if empty_pages >= MAX_EMPTY_PAGES:
+            return f"protocol error: {empty_pages} empty pages in a row with has_more"
+        if pages >= self.config.max_pages_per_run:
+            return f"more than {self.config.max_pages_per_run} pages in one run (MAX_PAGES_PER_RUN); " \
+                   "the next run continues"
+        if self._stop.is_set():
+            return "interrupted: the worker is stopping; the next run continues"
+        return ""
+
+    def _apply_page(self, conn, source_id: str, page: Page, move_watermark: bool, guess=None,
+                    on_rated=lambda prior: None) -> MeteredPage:
         """One page, one transaction: its facts and its progress, or nothing."""
         for attempt in range(PAGE_ATTEMPTS):
             try:
-                rated = self._rate_and_write(conn, source_id, page, move_watermark)
+                rated = self._rate_and_write(conn, source_id, page, move_watermark, guess, on_rated)
                 conn.commit()
                 return rated
             except (psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure):
@@ -1686,10 +1809,20 @@ class Collector:
                 raise
         raise AssertionError("unreachable")
 
-    def _rate_and_write(self, conn, source_id: str, page: Page, move_watermark: bool):
+    def _rate_and_write(self, conn, source_id: str, page: Page, move_watermark: bool, guess, on_rated):
+        """Read (and lock) what the core needs, rate, write. ``guess`` (a Future
+        of guess_page) is used only where its reads equal the real ones."""
         region = self.config.region
         known, checkpoints, open_buckets = load_series(conn, page_series(page.snapshots), region)
-        metered = meter_page(page.snapshots, known, checkpoints, open_buckets)
+        try:
+            guessed = guess.result() if guess is not None else None
+        except Exception:  # noqa: BLE001 - a failed guess is only a missed shortcut
+            guessed = None
+        if guessed is not None and (known, checkpoints, open_buckets) == (
+                guessed.reads.known, guessed.reads.checkpoints, guessed.reads.open_buckets):
+            metered = guessed.metered
+        else:
+            guessed, metered = None, meter_page(page.snapshots, known, checkpoints, open_buckets)
         accounts = sorted({inc.account for inc in metered.increments})
         pricing, quota = {}, {}
         if accounts:
@@ -1698,7 +1831,13 @@ class Collector:
             # First sight of an account: its quota row starts from its pricing.
             quota = lock_quota_states(conn, {a: QuotaState(p.included_quota, self.config.initial_balance)
                                              for a, p in pricing.items()})
-        rated = rate_increments(metered.increments, pricing, quota, region)
+        if guessed is not None and (pricing, quota) == (guessed.reads.pricing, guessed.reads.quota):
+            rated = guessed.rated
+            self.guesses_used += 1
+        else:
+            rated = rate_increments(metered.increments, pricing, quota, region)
+        # The next page is rated from here on while this one is written.
+        on_rated(reads_after(PageReads(known, checkpoints, open_buckets, pricing, quota), metered, rated))
         write_page(conn, region, rated.buckets, rated.ledger, metered.checkpoints, rated.quota)
         record_page_progress(conn, source_id, len(page.snapshots), page.sample_count,
                              page.snapshots[-1].collected_at, move_watermark)

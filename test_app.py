@@ -7,26 +7,36 @@ Run them with ``./deploy/local.sh test``. The benchmark is ``-m bench``
 """
 from __future__ import annotations
 
+import grp
+import io
 import json
 import os
+import pwd
 import random
+import re
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
 import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 import app as billing
 from deploy import demo_exporter as dx
@@ -650,6 +660,8 @@ class CoreModel:
         self.known = set(known)
         self.checkpoints, self.buckets, self.ledger, self.quota = {}, {}, {}, {}
         self.ledger_order = []
+        self.prior = None  # reads_after() of the last page: what the collector rates ahead with
+        self.exact_guesses = 0
 
     def apply(self, snapshots):
         snaps = [billing.Snapshot(stamp, f"{ENV}:{node}", [billing.Sample(a, t, u, d) for a, t, u, d in samples])
@@ -662,6 +674,18 @@ class CoreModel:
         pricing = {a: pricing_of(a) for a in accounts}
         quota = {a: self.quota.get(a) or billing.QuotaState(pricing[a].included_quota, 0.0) for a in accounts}
         rated = billing.rate_increments(metered.increments, pricing, quota, "")
+        keys = {(s[0], s[3]) for s in billing.page_series(snaps)}
+        reads = billing.PageReads(self.known & {k[1] for k in keys},
+                                  {k: self.checkpoints[k] for k in keys if k in self.checkpoints},
+                                  open_buckets & keys, pricing, quota)
+        guess = billing.guess_page(snaps, self.prior, "") if self.prior else None
+        if guess is not None and guess.reads.checkpoints.keys() == reads.checkpoints.keys():
+            # Nobody else writes here: where the prediction covers the series, it is exact.
+            assert (guess.reads.checkpoints, guess.reads.open_buckets) == (reads.checkpoints, reads.open_buckets)
+            if guess.reads == reads:
+                self.exact_guesses += 1
+                assert (guess.metered, guess.rated) == (metered, rated)
+        self.prior = billing.reads_after(reads, metered, rated)
         for bucket in rated.buckets:
             key = (bucket.bucket_start, bucket.node_id, bucket.account, bucket.line_code)
             up, down = self.buckets.get(key, (0, 0))
@@ -725,6 +749,30 @@ def test_core_sub_minute_samples_accumulate_in_one_bucket_with_distinct_ledger_i
     assert len(ids) == 3 == len(set(ids))
     assert ids[0] == billing.ledger_id(at(1), f"{ENV}:{NODE}", A, "", "")
     assert ids[2] == billing.ledger_id(at(1), f"{ENV}:{NODE}", A, "", "", at(1, 45))
+
+
+def test_core_rates_a_steady_catch_up_ahead_exactly():
+    """The collector rates page N+1 against reads_after(page N) while page N
+    is written. With nobody else writing, every prediction must be exact:
+    sub-minute samples, silent series, zero deltas and resets included."""
+    model = CoreModel([A, B])
+    counters = {(a, t): 0 for a in (A, B) for t in ("x", "y")}
+    pages = 0
+    for minute in range(8):
+        snaps = []
+        for second in (0, 20, 40):
+            samples = []
+            for (account_id, tag), value in counters.items():
+                if (minute + second) % 7 == 3 and tag == "y":
+                    counters[(account_id, tag)] = 1  # a reset
+                elif second != 20:  # a zero-delta sample every third one
+                    counters[(account_id, tag)] = value + 100 * (minute + 1)
+                samples.append((account_id, tag, counters[(account_id, tag)], 0))
+            snaps.append((at(minute, second), NODE, samples))
+        model.apply(snaps[:2])
+        model.apply(snaps[2:])
+        pages += 2
+    assert model.exact_guesses == pages - 1
 
 
 def test_core_two_inbounds_keep_separate_checkpoints():
@@ -1293,3 +1341,1097 @@ def test_bench_backlog_catch_up():
             exporter.terminate()
             exporter.wait(10)
         pg.stop()
+
+
+# ---- operations: one truth on every worker, replays, metrics, logs (issue 5) ----
+
+# `from test_app import *` also brings test_app's tests: collect them there only.
+
+SOURCE_TOKEN = "tok-Source-b-9c2e1d7a40"  # a per-source exporter token (token_env)
+
+
+# ---- real gunicorn: test_app's Gunicorn / gunicorns, plus what these tests need --------
+
+def booted(server, workers: int) -> None:
+    """Wait until every worker has booted (/api/ping answers once the first has)."""
+    wait_for(lambda: server.output().count("Booting worker with pid") >= workers, timeout=30,
+             what=f"{workers} gunicorn workers")
+
+
+class SplitGunicorn(Gunicorn):
+    """test_app's Gunicorn with its two streams apart: stdout (gunicorn's
+    access log) in ``log_path``, stderr (gunicorn's error log and our JSON
+    lines) in ``stderr_path``."""
+
+    def start(self) -> "SplitGunicorn":
+        self.stderr_path = self.log_path + ".stderr"
+        with open(self.log_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
+                cwd=ROOT, env=self.env, stdout=out, stderr=err, start_new_session=True)
+        wait_for(self._answers, what="gunicorn answering /api/ping")
+        return self
+
+    def stdout(self) -> str:
+        return super().output()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def output(self) -> str:
+        return self.stdout() + self.stderr()
+
+
+def stop_cleanly(server) -> None:
+    """SIGTERM and a clean exit within the helper's deadline (not a SIGKILL)."""
+    server.stop()
+    assert server.proc.returncode == 0, server.output()[-3000:]
+
+
+# gunicorn's own error-log lines: "[2025-01-01 00:00:00 +0000] [123] [INFO] ..."
+GUNICORN_LOG_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[[A-Z]+\] ")
+# gunicorn's access log with gunicorn.conf.py's format: 127.0.0.1 "GET /healthz HTTP/1.1" 200 33 1ms
+ACCESS_LOG_LINE = re.compile(r'\S+ "[A-Z]+ /\S* HTTP/[\d.]+" \d{3} \S+ \d+ms$')
+
+
+def our_log_lines(output: str) -> list:
+    """Every output line that is neither gunicorn's error log nor its access
+    log, parsed: each must be one JSON object with a time and an event (a
+    traceback or a stray print fails)."""
+    events = []
+    for line in output.splitlines():
+        if not line.strip() or GUNICORN_LOG_LINE.match(line) or ACCESS_LOG_LINE.fullmatch(line):
+            continue
+        event = json.loads(line)
+        assert isinstance(event, dict) and event.get("event") and event.get("time"), line
+        events.append(event)
+    return events
+
+
+# ---- Prometheus text ----------------------------------------------------------------
+
+def parse_metrics(text: str):
+    """(samples {(name, labels...): value}, types {family: type}) via the official parser."""
+    samples, types = {}, {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, *sorted(sample.labels.items()))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = sample.value
+    return samples, types
+
+
+def metric(samples: dict, name: str, **labels):
+    return samples.get((name, *sorted(labels.items())))
+
+
+LAG = "billing_source_watermark_lag_seconds"
+
+
+def post_result_fields(result: dict) -> dict:
+    return {key: result[key] for key in ("job", "started_at", "finished_at", "status", "processed_samples",
+                                         "written_minutes", "replayed_minutes", "error", "source_statuses")}
+
+
+def without_lag(status: dict) -> dict:
+    """/v1/status minus lag_seconds, the one field computed from "now"."""
+    doc = json.loads(json.dumps(status))
+    for view in doc["sources"]:
+        view.pop("lag_seconds")
+    return doc
+
+
+# ---- one truth on every worker ------------------------------------------------------
+
+def test_three_gunicorn_workers_give_one_answer(db, exporters, gunicorns):
+    db.add_users(A)
+    server = exporters([snap(at(1, 5), (A, "", 100, 50)), snap(at(2, 5), (A, "", 300, 50))])
+    db.set_watermark("a", at(-1))
+    # %(p)s: the pid of the worker that answered, so the test sees the spread
+    # (GUNICORN_CMD_ARGS overrides gunicorn.conf.py's format).
+    env = service_env(db, [source("a", server)],
+                      GUNICORN_CMD_ARGS="--access-logformat 'pid=%(p)s \"%(m)s %(U)s\" %(s)s'")
+    g = gunicorns(env, workers=3)
+    booted(g, 3)
+    status, run = g.post()
+    assert (status, run["status"], run["written_minutes"]) == (200, "ok", 2), run
+    assert db.watermark("a") == at(2, 5)
+
+    def fetch(path):
+        # A new connection per request (no keep-alive), several in flight:
+        # the kernel hands them to whichever worker accepts first.
+        with requests.Session() as http:
+            http.trust_env = False
+            sent = time.time()
+            answer = http.get(g.url + path, headers={"Connection": "close"}, timeout=30)
+            return path, sent, answer.status_code, answer.headers["Content-Type"], answer.text
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(fetch, ["/v1/status", "/healthz", "/metrics"] * 30))
+    assert len(answers) == 90
+
+    health = {(code, text) for path, _, code, _, text in answers if path == "/healthz"}
+    assert len(health) == 1 and json.loads(health.pop()[1]) == {"status": "ok", "message": ""}
+
+    statuses = [json.loads(text) for path, _, code, _, text in answers if path == "/v1/status" and code == 200]
+    assert len(statuses) == 30
+    # Everything agrees but lag_seconds, which is "now - watermark" at the
+    # moment of each answer (checked below against the watermark).
+    assert all(without_lag(s) == without_lag(statuses[0]) for s in statuses)
+    status = statuses[0]
+    assert post_result_fields(status) == post_result_fields(run)
+    (view,) = status["sources"]
+    assert view["last_completed_until"] == rfc(at(2, 5)) and view["last_error"] == ""
+    assert view["progress"]["running"] is False and view["progress"]["pages"] >= 1
+
+    metric_answers = [(sent, parse_metrics(text)[0]) for path, sent, code, ctype, text in answers
+                      if path == "/metrics" and code == 200 and ctype.startswith("text/plain")]
+    assert len(metric_answers) == 30
+    lag_key = (LAG, ("source_id", "a"))
+    reference = {k: v for k, v in metric_answers[0][1].items() if k != lag_key}
+    assert metric(reference, "billing_database_up") == 1
+    assert metric(reference, "billing_job_runs_total", job="collect-and-rate", status="ok") == 1
+    for sent, samples in metric_answers:
+        assert {k: v for k, v in samples.items() if k != lag_key} == reference
+        # The lag names the same watermark on every worker (clock skew and
+        # request latency allowance: 3 s).
+        assert abs((sent - samples[lag_key]) - at(2, 5).timestamp()) < 3
+    for _, sent, _, _, text in answers:
+        if text.startswith("{") and "lag_seconds" in text:
+            lag = json.loads(text)["sources"][0]["lag_seconds"]
+            assert abs((sent - lag) - at(2, 5).timestamp()) < 3
+
+    # The answers came from more than one worker, none from the arbiter.
+    def access_lines():
+        lines = [line for line in g.output().splitlines()
+                 if re.search(r'"GET /(v1/status|healthz|metrics)" 200', line)]
+        return lines if len(lines) >= 90 else None
+
+    access = wait_for(access_lines, timeout=10, what="90 access log lines")
+    pids = {int(re.match(r"pid=<(\d+)>", line).group(1)) for line in access}
+    assert len(access) == 90 and len(pids) >= 2 and g.proc.pid not in pids, pids
+
+    stop_cleanly(g)
+    assert "Traceback" not in g.output()
+
+
+# ---- /healthz -----------------------------------------------------------------------
+
+def test_healthz_starting_then_ok_then_database_down_and_back(db, exporters, service, cluster):
+    db.add_users(A)
+    _, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 100, 50))])
+    assert svc.get("/healthz") == (503, {"status": "starting", "message": "no collection run has finished yet"})
+    assert svc.get("/v1/status")[1]["status"] == "starting"
+    assert svc.post()[1]["status"] == "ok"
+    assert svc.get("/healthz") == (200, {"status": "ok", "message": ""})
+
+    name = urlsplit(db.url).path.lstrip("/")
+    admin = cluster.admin()
+    try:
+        with admin.cursor() as cur:  # the database stops answering: new sessions refused, pooled ones killed
+            cur.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        status, body = svc.get("/healthz")
+        assert status == 503 and body["status"] == "error", body
+        assert body["message"].startswith("database error:") and "not currently accepting connections" in \
+            body["message"], body
+        status, body = svc.get("/v1/status")
+        assert status == 503 and body["error"].startswith("database error:")
+        response = svc.client.get("/metrics")
+        samples, _ = parse_metrics(response.get_data(as_text=True))
+        assert response.status_code == 200 and metric(samples, "billing_database_up") == 0
+        assert metric(samples, LAG, source_id="a") is None  # no stale numbers when the database is away
+        status, result = svc.post()
+        assert (status, result["status"]) == (503, "error") and "a: database error:" in result["error"]
+        for text in (json.dumps(body), json.dumps(result), response.get_data(as_text=True)):
+            assert DB_PASSWORD not in text and TOKEN not in text
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        admin.close()
+    # Back by itself: broken pooled connections were dropped, not reused.
+    assert svc.get("/healthz") == (200, {"status": "ok", "message": ""})
+    assert metric(parse_metrics(svc.client.get("/metrics").get_data(as_text=True))[0], "billing_database_up") == 1
+
+
+def test_healthz_fails_fast_when_the_database_never_answers(exporters, service):
+    # A listener that accepts connections and never says a word (a hung host).
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    try:
+        server = exporters()
+        nowhere = SimpleNamespace(url=f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{port}/account")
+        svc = Service(service_env(nowhere, [source("a", server)]))
+        begun = time.monotonic()
+        status, body = svc.get("/healthz")
+        elapsed = time.monotonic() - begun
+        assert status == 503 and body["status"] == "error" and body["message"].startswith("database error:"), body
+        assert DB_PASSWORD not in body["message"]
+        assert elapsed < 10, f"/healthz took {elapsed:.1f}s against a silent database"
+    finally:
+        silent.close()
+
+
+def test_run_log_retention_is_bounded_and_counters_keep_counting(db, exporters, service, monkeypatch):
+    monkeypatch.setattr(billing, "RUN_RETENTION", 3)
+    _, svc = one_source(db, exporters, service, [])
+    results = [svc.post()[1] for _ in range(5)]
+    assert [r["status"] for r in results] == ["ok"] * 5
+    assert db.q("SELECT count(*) FROM billing_job_runs")[0][0] == 3
+    assert [row[0] for row in db.q("SELECT finished_at FROM billing_job_runs ORDER BY id")] == \
+        [billing.parse_time(r["finished_at"]) for r in results[2:]]
+    assert svc.get("/v1/status")[1]["finished_at"] == results[-1]["finished_at"]
+    samples, _ = parse_metrics(svc.client.get("/metrics").get_data(as_text=True))
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="ok") == 5
+
+
+# ---- reconcile over a range ------------------------------------------------------------
+
+def test_reconcile_range_fills_what_a_run_skipped_without_double_charging(db, exporters, service):
+    db.add_users(B)  # A does not exist yet when its samples are first collected
+    server, svc = one_source(db, exporters, service, [
+        snap(at(1, 5), (A, "", 100, 50), (B, "", 10, 10)),
+        snap(at(2, 5), (A, "", 200, 100), (B, "", 20, 20))])
+    status, first = svc.post()
+    assert (status, first["status"]) == (200, "partial")
+    assert first["unknown_account_samples"] == 2 and "a: 2 samples of unknown accounts skipped" in first["error"]
+    assert first["written_minutes"] == 2  # B's two minutes
+    assert db.watermark("a") == at(2, 5)  # unknown accounts never hold the watermark back
+    assert {row[2] for row in db.buckets()} == {B}
+    b_ledger = db.ledger()
+
+    db.add_users(A)
+    body = {"source_id": "a", "since": rfc(at(0)), "until": rfc(at(3))}
+    status, result = svc.post("reconcile", body)
+    assert (status, result["status"], result["job"]) == (200, "ok", "reconcile"), result
+    assert result["written_minutes"] == 2 and result["replayed_minutes"] == 2  # A written, B replayed
+    assert result["unknown_account_samples"] == 0
+    a_buckets = [(row[0], row[7]) for row in db.buckets() if row[2] == A]
+    assert a_buckets == [(at(1), 150), (at(2), 150)]  # the first sample's totals, then the step
+    assert [row for row in db.ledger() if row[1] == B] == b_ledger  # B untouched: no second charge
+    assert len([row for row in db.ledger() if row[1] == A]) == 2
+    assert {row[0]: row[2] for row in db.quota()} == {A: -150.0, B: -20.0}
+    assert db.watermark("a") == at(2, 5)  # a range moves no watermark, forwards or back
+    assert result["source_statuses"][0]["last_completed_until"] == rfc(at(2, 5))
+
+    # The same reconcile again writes nothing and rewrites no row.
+    before = row_versions(db)
+    status, again = svc.post("reconcile", body)
+    assert (status, again["status"], again["written_minutes"], again["replayed_minutes"]) == (200, "ok", 0, 4)
+    assert row_versions(db) == before
+    # An old range (before anything) leaves the watermark where it is.
+    status, old = svc.post("reconcile", {"since": rfc(at(-30)), "until": rfc(at(-20))})
+    assert (status, old["status"], old["written_minutes"]) == (200, "ok", 0)
+    assert db.watermark("a") == at(2, 5) and row_versions(db) == before
+
+    # The next normal run bills A's new traffic as a step, not again from zero.
+    server.add(snap(at(3, 5), (A, "", 300, 150), (B, "", 20, 20)))
+    status, later = svc.post()
+    assert (status, later["status"], later["written_minutes"]) == (200, "ok", 1)
+    assert sum(row[7] for row in db.buckets() if row[2] == A) == 450 == 300 + 150
+    assert sum(row[7] for row in db.buckets() if row[2] == B) == 40
+    assert db.watermark("a") == at(3, 5)
+
+    samples, _ = parse_metrics(svc.client.get("/metrics").get_data(as_text=True))
+    assert metric(samples, "billing_job_runs_total", job="reconcile", status="ok") == 3
+    assert metric(samples, "billing_unknown_account_samples_total", job="collect-and-rate") == 2
+    assert metric(samples, "billing_written_minutes_total", job="reconcile") == 2
+
+
+def test_reconcile_without_a_body_or_with_an_empty_object_is_a_normal_run(db, exporters, service):
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 100, 50))])
+    status, result = svc.post("reconcile")
+    assert (status, result["status"], result["job"], result["written_minutes"]) == (200, "ok", "reconcile", 1)
+    assert db.watermark("a") == at(1, 5)
+    status, result = svc.post("reconcile", {})
+    assert (status, result["status"], result["written_minutes"]) == (200, "ok", 0)
+    status, result = svc.post("reconcile", {"source_id": "a"})
+    assert (status, result["status"], [s["source_id"] for s in result["source_statuses"]]) == (200, "ok", ["a"])
+
+
+def _now_minute():
+    # Keep clear of a minute boundary between the test's clock and the app's.
+    wait_for(lambda: datetime.now(UTC).second < 55, timeout=10, interval=0.2, what="a fresh minute")
+    return billing.minute_floor(datetime.now(UTC))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not json", "body is not valid JSON"),
+    ("truncated json", "body is not valid JSON"),
+    ("array", "body must be a JSON object"),
+    ("string", "body must be a JSON object"),
+    ("null", "body must be a JSON object"),
+    ("unknown key", "unknown field(s): colour"),
+    ("unknown source", "source_id is not a configured source"),
+    ("source not a string", "source_id is not a configured source"),
+    ("disabled source", "source_id names a disabled source"),
+    ("since alone", "since and until go together"),
+    ("until alone", "since and until go together"),
+    ("since not a time", "since and until must be RFC3339 times"),
+    ("until a number", "since and until must be RFC3339 times"),
+    ("no time zone", "since and until must be RFC3339 times"),
+    ("since equals until", "since must be before until"),
+    ("since after until", "since must be before until"),
+    ("until in the current minute", "until must be before the current minute"),
+    ("until in the future", "until must be before the current minute"),
+    ("longer than 7 days", "the range is longer than 7 days"),
+])
+def test_reconcile_bad_bodies_are_400_with_the_reason(db, exporters, service, case, message):
+    server = exporters()
+    svc = service(db, [source("a", server), source("off", server, enabled=False)])
+    # Only the current-minute case needs to keep clear of a minute boundary.
+    now = _now_minute() if case == "until in the current minute" else billing.minute_floor(datetime.now(UTC))
+    ok_since, ok_until = rfc(now - 10 * MINUTE), rfc(now - 5 * MINUTE)
+    body = {
+        "not json": b"since=yesterday",
+        "truncated json": b'{"since": "2024-01-01T00:00:00Z"',
+        "array": b'["a"]',
+        "string": b'"a"',
+        "null": b"null",
+        "unknown key": {"source_id": "a", "since": ok_since, "until": ok_until, "colour": "red"},
+        "unknown source": {"source_id": "nope"},
+        "source not a string": {"source_id": ["a"]},
+        "disabled source": {"source_id": "off"},
+        "since alone": {"since": ok_since},
+        "until alone": {"until": ok_until},
+        "since not a time": {"since": "yesterday", "until": ok_until},
+        "until a number": {"since": ok_since, "until": 1700000000},
+        "no time zone": {"since": ok_since, "until": rfc(now - 5 * MINUTE).rstrip("Z")},
+        "since equals until": {"since": ok_until, "until": ok_until},
+        "since after until": {"since": ok_until, "until": ok_since},
+        "until in the current minute": {"since": ok_since, "until": rfc(now + timedelta(seconds=1))},
+        "until in the future": {"since": ok_since, "until": rfc(now + timedelta(hours=1))},
+        "longer than 7 days": {"since": rfc(now - MINUTE - timedelta(days=7, seconds=1)), "until": rfc(now - MINUTE)},
+    }[case]
+    response = svc.client.post("/v1/jobs/reconcile", data=body if isinstance(body, bytes) else json.dumps(body),
+                               headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.is_json, response.get_data()
+    body = response.get_json()
+    assert set(body) == {"error"} and body["error"].startswith(message), body
+    assert server.requests == []  # nothing ran
+    assert db.q("SELECT count(*) FROM billing_job_runs")[0][0] == 0
+
+
+def test_reconcile_range_limits_are_inclusive_where_they_should_be(db, exporters, service):
+    server = exporters()
+    svc = service(db, [source("a", server)])
+    now = _now_minute()
+    # Exactly 7 days, ending at the start of the previous minute (the last whole one): accepted.
+    body = {"since": rfc(now - MINUTE - timedelta(days=7)), "until": rfc(now - MINUTE)}
+    status, result = svc.post("reconcile", body)
+    assert (status, result["status"], result["job"]) == (200, "ok", "reconcile"), result
+    assert db.watermark("a") is None  # a range never sets a watermark
+    # Offsets are accepted and read as UTC.
+    local = (now - 3 * MINUTE).astimezone(timezone(timedelta(hours=9))).isoformat()
+    status, result = svc.post("reconcile", {"since": rfc(now - 4 * MINUTE), "until": local})
+    assert status == 200, result
+    query = server.requests[-1][0]
+    assert query["until"] == rfc(now - 3 * MINUTE)
+
+
+# ---- /metrics ----------------------------------------------------------------------------
+
+def test_metrics_parse_and_follow_a_failing_source(db, exporters, service):
+    db.add_users(A)
+    good = exporters([snap(at(1, 5), (A, "", 100, 50))])
+    bad = exporters([snap(at(1, 10), (A, "", 100, 50))], node_id="node-b")
+    db.set_watermark("good", at(-1))
+    db.set_watermark("bad", at(-1))
+    svc = service(db, [source("good", good), source("bad", bad), source("off", bad, enabled=False)])
+
+    def scrape():
+        response = svc.client.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return parse_metrics(response.get_data(as_text=True))
+
+    samples, types = scrape()  # before any run: watermarks only
+    assert metric(samples, "billing_database_up") == 1
+    assert metric(samples, "billing_source_last_attempt_timestamp_seconds", source_id="good") is None
+    assert metric(samples, LAG, source_id="off") is None
+
+    begun = time.time()
+    assert svc.post()[1]["status"] == "ok"
+    samples, types = scrape()
+    scraped = time.time()
+    assert types == {
+        "billing_database_up": "gauge", "billing_source_enabled": "gauge", LAG: "gauge",
+        "billing_source_last_success_timestamp_seconds": "gauge",
+        "billing_source_last_attempt_timestamp_seconds": "gauge", "billing_source_last_attempt_failed": "gauge",
+        "billing_source_catchup_running": "gauge", "billing_job_runs": "counter",
+        "billing_processed_samples": "counter", "billing_written_minutes": "counter",
+        "billing_replayed_minutes": "counter", "billing_invalid_samples": "counter",
+        "billing_unknown_account_samples": "counter"}
+    for sid in ("good", "bad"):
+        assert metric(samples, "billing_source_enabled", source_id=sid) == 1
+        assert metric(samples, "billing_source_last_attempt_failed", source_id=sid) == 0
+        assert metric(samples, "billing_source_catchup_running", source_id=sid) == 0
+        for name in ("billing_source_last_success_timestamp_seconds",
+                     "billing_source_last_attempt_timestamp_seconds"):
+            assert begun - 1 <= metric(samples, name, source_id=sid) <= scraped + 1
+    assert metric(samples, "billing_source_enabled", source_id="off") == 0
+    assert abs(metric(samples, LAG, source_id="good") - (scraped - at(1, 5).timestamp())) < 3
+    assert abs(metric(samples, LAG, source_id="bad") - (scraped - at(1, 10).timestamp())) < 3
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="ok") == 1
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="partial") is None
+    assert metric(samples, "billing_processed_samples_total", job="collect-and-rate") == 2
+    assert metric(samples, "billing_written_minutes_total", job="collect-and-rate") == 2
+    assert metric(samples, "billing_replayed_minutes_total", job="collect-and-rate") == 0
+    first_success = metric(samples, "billing_source_last_success_timestamp_seconds", source_id="bad")
+
+    # The bad source starts failing: its flag flips, partial runs are counted,
+    # its last success stays put while its last attempt moves on.
+    bad.fault = lambda query: (500, b'{"error":"boom"}')
+    good.add(snap(at(2, 5), (A, "", 200, 50)))
+    db.set_watermark("good", at(-1))  # and replay the old window on the good one
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "partial")
+    samples, _ = scrape()
+    assert metric(samples, "billing_source_last_attempt_failed", source_id="bad") == 1
+    assert metric(samples, "billing_source_last_attempt_failed", source_id="good") == 0
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="partial") == 1
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="ok") == 1
+    assert metric(samples, "billing_source_last_success_timestamp_seconds", source_id="bad") == first_success
+    assert metric(samples, "billing_source_last_attempt_timestamp_seconds", source_id="bad") > first_success
+    assert metric(samples, "billing_processed_samples_total", job="collect-and-rate") == 2 + 2
+    assert metric(samples, "billing_written_minutes_total", job="collect-and-rate") == 2 + 1
+    assert metric(samples, "billing_replayed_minutes_total", job="collect-and-rate") == 1
+
+    status, result = svc.post()  # failing again: the counter keeps counting
+    samples, _ = scrape()
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="partial") == 2
+    bad.fault = None  # and recovers
+    assert svc.post()[1]["status"] == "ok"
+    samples, _ = scrape()
+    assert metric(samples, "billing_source_last_attempt_failed", source_id="bad") == 0
+    assert metric(samples, "billing_job_runs_total", job="collect-and-rate", status="ok") == 2
+
+
+# ---- structured logs -------------------------------------------------------------------------
+
+def test_logs_one_json_line_per_run_and_failure_and_no_secret(db, exporters):
+    db.add_users(A)
+    good = exporters([snap(at(1, 5), (A, "", 100, 50))])
+    bad = exporters([snap(at(1, 5), (A, "", 100, 50))], node_id="node-b", tokens=(SOURCE_TOKEN,))
+    bad.fault = lambda query: (500, f'{{"error":"boom {SOURCE_TOKEN}"}}'.encode())
+    db.set_watermark("good", at(-1))
+    db.set_watermark("bad", at(-1))
+    env = service_env(db, [source("good", good), source("bad", bad, token_env="BAD_EXPORTER_TOKEN")],
+                      BAD_EXPORTER_TOKEN=SOURCE_TOKEN)
+    g = SplitGunicorn(env, workers=1)
+    try:
+        g.start()
+        status, result = g.post()
+        assert (status, result["status"]) == (200, "partial")
+        assert bad.requests and bad.requests[0][1] == f"Bearer {SOURCE_TOKEN}"  # the token really was in play
+        assert g.post(token="not-the-token")[0] == 401
+        assert g.get(f"/healthz?token={TOKEN}&password={DB_PASSWORD}").status_code == 200
+        wait_for(lambda: '"GET /healthz HTTP/1.1" 200' in g.stdout(), timeout=10, what="the access log line")
+        stop_cleanly(g)
+        stdout, stderr = g.stdout(), g.stderr()
+    finally:
+        g.stop()
+        for path in (g.log_path, g.stderr_path):
+            if os.path.exists(path):
+                os.unlink(path)
+    events = our_log_lines(stderr)  # every line of ours is JSON
+    runs = [e for e in events if e["event"] == "run"]
+    assert len(runs) == 1, runs
+    (run,) = runs
+    assert (run["job"], run["status"]) == ("collect-and-rate", "partial")
+    assert (run["processed_samples"], run["written_minutes"], run["replayed_minutes"]) == (1, 1, 0)
+    assert (run["invalid_samples"], run["unknown_account_samples"]) == (0, 0)
+    assert run["error"] == "bad: exporter answered HTTP 500"
+    assert isinstance(run["duration_seconds"], float) and 0 <= run["duration_seconds"] < 30
+    assert run["sources"] == [
+        {"source_id": "good", "state": "ok", "error": "", "pages": 1},
+        {"source_id": "bad", "state": "failed", "error": "exporter answered HTTP 500", "pages": 0}]
+    failures = [e for e in events if e["event"] == "source_failed"]
+    assert [(f["source_id"], f["error"]) for f in failures] == [("bad", "exporter answered HTTP 500")]
+    assert [e["event"] for e in events if e["event"] == "auth_failed"] == ["auth_failed"]
+    # gunicorn's access log stays on (stdout, nothing else there), without query strings.
+    assert all(ACCESS_LOG_LINE.fullmatch(line) for line in stdout.splitlines()), stdout
+    assert re.search(r'"POST /v1/jobs/collect-and-rate HTTP/1.1" 200 ', stdout)
+    assert re.search(r'"GET /healthz HTTP/1.1" 200 ', stdout)
+    for secret in (TOKEN, SOURCE_TOKEN, DB_PASSWORD):
+        assert secret not in stdout and secret not in stderr
+    assert "Traceback" not in stderr
+
+
+def test_in_process_logs_are_json_and_redacted(db, exporters, service):
+    """The same from the in-process app, through the handler of the
+    "billing_service" logger (its stream is the process's stderr)."""
+    handler = billing._log.handlers[0]
+    server, svc = one_source(db, exporters, service, [])
+    server.fault = lambda query: (500, b"{}")
+    captured = io.StringIO()
+    previous = handler.setStream(captured)
+    try:
+        status, result = svc.post()
+        svc.post(token=DB_PASSWORD)
+    finally:
+        handler.setStream(previous)
+    assert (status, result["status"]) == (503, "error")
+    text = captured.getvalue()
+    events = [json.loads(line) for line in text.splitlines()]
+    assert [e["event"] for e in events] == ["source_failed", "run", "auth_failed"]
+    assert events[1]["status"] == "error" and events[1]["sources"][0]["state"] == "failed"
+    assert TOKEN not in text and DB_PASSWORD not in text
+
+
+# ---- progress of a long catch-up ---------------------------------------------------------------
+
+def test_status_shows_a_catchup_moving(db, exporters, service):
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service,
+                             [snap(at(m, 5), (A, "", 100 * m, 0)) for m in range(1, 7)])
+    server.page_cap = 1  # six pages
+    reached = {3: threading.Event(), 5: threading.Event()}
+    release = {3: threading.Event(), 5: threading.Event()}
+    seen = {"count": 0}
+    lock = threading.Lock()
+
+    def hold(query):
+        with lock:
+            seen["count"] += 1
+            number = seen["count"]
+        if number in reached:  # the 3rd and 5th page request wait for the test
+            reached[number].set()
+            release[number].wait(20)
+        return server._cap(query)
+
+    server.fault = hold
+    outcome = {}
+    # The run goes through a second app instance (another "worker"); this one only watches.
+    runner = Service(service_env(db, [source("a", server)]))
+    worker = threading.Thread(target=lambda: outcome.update(result=runner.post()))
+    worker.start()
+    try:
+        def running_at(pages):
+            view = svc.get("/v1/status")[1]["sources"][0]
+            return view if view["progress"]["running"] and view["progress"]["pages"] == pages else None
+
+        for number, pages in ((3, 2), (5, 4)):
+            assert reached[number].wait(20)
+            view = wait_for(lambda: running_at(pages), timeout=10, what=f"{pages} pages in /v1/status")
+            assert view["progress"]["snapshots"] == pages and view["progress"]["samples"] == pages
+            assert view["progress"]["position"] == rfc(at(pages, 5))
+            assert view["progress"]["window_since"] == rfc(at(-3))
+            assert view["progress"]["window_until"] > rfc(at(6, 5))
+            assert view["last_completed_until"] == rfc(at(pages, 5))  # each page's progress is committed
+            assert abs(view["lag_seconds"] - (time.time() - at(pages, 5).timestamp())) < 3
+            samples, _ = parse_metrics(svc.client.get("/metrics").get_data(as_text=True))
+            assert metric(samples, "billing_source_catchup_running", source_id="a") == 1
+            assert svc.get("/v1/status")[1]["status"] == "starting"  # no run has finished yet
+            release[number].set()
+    finally:
+        for event in release.values():
+            event.set()
+        worker.join(30)
+    status, result = outcome["result"]
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 6)
+    status, body = svc.get("/v1/status")
+    progress = body["sources"][0]["progress"]
+    assert body["status"] == "ok" and body["finished_at"] == result["finished_at"]
+    assert progress["running"] is False and progress["pages"] == 6 and progress["snapshots"] == 6
+    assert progress["position"] == rfc(at(6, 5)) == body["sources"][0]["last_completed_until"]
+
+
+# ---- deployment: Ansible playbook and systemd unit (issue 6) -----------------
+
+# `from test_app import *` also brings test_app's tests: collect them there only.
+
+DEPLOY = os.path.join(ROOT, "deploy")
+PLAYBOOK = os.path.join(DEPLOY, "deploy_billing_service.yml")
+VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
+SERVICE_USER = "billing-test"
+# Every character that needs care in an EnvironmentFile (and in a shell).
+TRICKY_TOKEN = "tok-$HOME-\"q\"-\\-`id`-'s'-#;-%h"
+TRICKY_REGION = "ap east $x \"y\" \\z `q` 'w' #n ;m %i"
+RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+IS_ROOT = os.geteuid() == 0
+
+
+def tool(name: str) -> str:
+    path = os.path.join(VENV_BIN, name)
+    if not os.access(path, os.X_OK):
+        pytest.fail(f"{name} is missing from {VENV_BIN}: run the suite through ./deploy/local.sh test")
+    return path
+
+
+def ansible_env(**values) -> dict:
+    """The operator's environment: no inherited secrets, plain output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "INTERNAL_SERVICE_TOKEN")}
+    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '/usr/bin:/bin')}", ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+               ANSIBLE_RETRY_FILES_ENABLED="0", ANSIBLE_STDOUT_CALLBACK="default", ANSIBLE_LOAD_CALLBACK_PLUGINS="0",
+               ANSIBLE_LINT_SKIP_SCHEMA_UPDATE="1", PY_COLORS="0", NO_COLOR="1")
+    env.update(values)
+    return env
+
+
+def run_tool(args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=ROOT, env=env or ansible_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    done.output = done.stdout + done.stderr
+    return done
+
+
+def local_inventory(tmp_path) -> str:
+    path = tmp_path / "inventory.ini"
+    path.write_text("[billing_service]\n"
+                    f"localhost ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+    return str(path)
+
+
+def vars_file(tmp_path, name: str, values: dict) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(values))
+    return f"--extra-vars=@{path}"
+
+
+def playbook(inventory: str, *args, env=None) -> subprocess.CompletedProcess:
+    return run_tool([tool("ansible-playbook"), "-i", inventory, PLAYBOOK, *args], env=env)
+
+
+def recap(output: str, host: str = "localhost") -> dict:
+    found = {m.group(1): dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups()[1:])))
+             for m in RECAP.finditer(output)}
+    assert host in found, output[-3000:]
+    return found[host]
+
+
+def deploy_vars(root: str, sources, **extra) -> dict:
+    """Variables of a run into the temporary root: nothing outside it is touched
+    (but the system user, as root)."""
+    values = {"billing_exporter_sources": sources, "billing_install_prefix": f"{root}/opt",
+              "billing_config_dir": f"{root}/etc", "billing_unit_dir": f"{root}/systemd",
+              "billing_install_packages": False, "billing_manage_service": False,
+              "billing_venv_python": "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"}
+    if IS_ROOT:
+        values["billing_user"] = SERVICE_USER
+    else:
+        me, my_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+        values.update(billing_user=me, billing_group=my_group, billing_create_user=False,
+                      billing_admin_owner=me, billing_admin_group=my_group)
+    values.update(extra)
+    return values
+
+
+@pytest.fixture
+def deploy_root():
+    """A world-traversable temporary root (the service user must reach the code
+    in it), the system user removed afterwards if this test created it."""
+    root = tempfile.mkdtemp(prefix="billing-deploy-")
+    os.chmod(root, 0o755)
+    had_user = user_exists(SERVICE_USER)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+    if IS_ROOT and not had_user and user_exists(SERVICE_USER):
+        subprocess.run(["userdel", SERVICE_USER], check=False, capture_output=True)
+        subprocess.run(["groupdel", SERVICE_USER], check=False, capture_output=True)
+
+
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+# ---- systemd's file formats, read the way systemd reads them -----------------------
+
+def parse_env_file(text: str) -> dict:
+    """EnvironmentFile= semantics (systemd's parse_env_file_internal, env-file.c):
+    comments, unquoted/single-quoted/double-quoted values and their escapes."""
+    values, key, value, state = {}, "", None, "PRE_KEY"
+
+    def push():
+        if key.strip():
+            values[key.strip()] = "" if value is None else value
+
+    trailing_ws = None  # where trailing whitespace of an unquoted value starts
+    for c in text:
+        if state == "PRE_KEY":
+            if c in "#;":
+                state = "COMMENT"
+            elif c not in " \t\n\r":
+                state, key, value = "KEY", c, None
+        elif state == "KEY":
+            if c in "\n\r":
+                state, key = "PRE_KEY", ""
+            elif c == "=":
+                state, value = "PRE_VALUE", ""
+            else:
+                key += c
+        elif state == "PRE_VALUE":
+            if c in "\n\r":
+                push()
+                state = "PRE_KEY"
+            elif c == "'":
+                state = "SINGLE"
+            elif c == '"':
+                state = "DOUBLE"
+            elif c == "\\":
+                state = "VALUE_ESCAPE"
+            elif c not in " \t":
+                state, value, trailing_ws = "VALUE", value + c, None
+        elif state == "VALUE":
+            if c in "\n\r":
+                if trailing_ws is not None:
+                    value = value[:trailing_ws]
+                push()
+                state = "PRE_KEY"
+            elif c == "\\":
+                state, trailing_ws = "VALUE_ESCAPE", None
+            else:
+                if c not in " \t":
+                    trailing_ws = None
+                elif trailing_ws is None:
+                    trailing_ws = len(value)
+                value += c
+        elif state == "VALUE_ESCAPE":
+            state = "VALUE"
+            if c not in "\n\r":
+                value += c
+        elif state == "SINGLE":
+            if c == "'":
+                state = "PRE_VALUE"
+            else:
+                value += c
+        elif state == "DOUBLE":
+            if c == '"':
+                state = "PRE_VALUE"
+            elif c == "\\":
+                state = "DOUBLE_ESCAPE"
+            else:
+                value += c
+        elif state == "DOUBLE_ESCAPE":
+            state = "DOUBLE"
+            if c in '"\\`$':
+                value += c
+            elif c != "\n":
+                value += "\\" + c
+        elif state == "COMMENT":
+            if c in "\n\r":
+                state = "PRE_KEY"
+    if state in ("PRE_VALUE", "VALUE", "VALUE_ESCAPE", "SINGLE", "DOUBLE", "DOUBLE_ESCAPE"):
+        if state == "VALUE" and trailing_ws is not None:
+            value = value[:trailing_ws]
+        push()
+    return values
+
+
+def parse_unit(text: str) -> dict:
+    """{(section, key): [values]} of a unit file (no continuation lines in ours)."""
+    entries, section = {}, None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault((section, key.strip()), []).append(value.strip())
+    return entries
+
+
+def unit_process(unit: dict, env_file_text: str) -> tuple[list, dict, str]:
+    """argv, environment and working directory systemd would give ExecStart=."""
+    (exec_start,) = unit[("Service", "ExecStart")]
+    assert exec_start[0] not in "-@:+!", exec_start  # no special prefixes in our unit
+    argv = shlex.split(exec_start)
+    user = unit[("Service", "User")][0]
+    account = pwd.getpwnam(user)
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": account.pw_dir, "USER": user, "LOGNAME": user, "SHELL": account.pw_shell}
+    for assignments in unit.get(("Service", "Environment"), []):
+        env.update(item.split("=", 1) for item in shlex.split(assignments))
+    env.update(parse_env_file(env_file_text))
+    return argv, env, unit[("Service", "WorkingDirectory")][0]
+
+
+def test_env_file_parser_follows_systemd_rules():
+    text = ('# comment "x"\n; other\nA=plain  value  \nB="d \\"q\\" \\$x \\\\ \\n `x`"\n'
+            "C='s \\ \"$x\"'\nD=\nE = spaced\nF=\"multi\nline\"\n")
+    assert parse_env_file(text) == {"A": "plain  value", "B": 'd "q" $x \\ \\n `x`', "C": 's \\ "$x"',
+                                    "D": "", "E": "spaced", "F": "multi\nline"}
+
+
+# ---- static checks ------------------------------------------------------------------
+
+def test_playbook_syntax_check_passes():
+    done = run_tool([tool("ansible-playbook"), "-i", os.path.join(DEPLOY, "inventory.ini.example"),
+                     "--syntax-check", PLAYBOOK])
+    assert done.returncode == 0, done.output
+
+
+def test_ansible_lint_reports_no_violation():
+    # --offline: no collection installs, no schema refresh from the network.
+    done = run_tool([tool("ansible-lint"), "--offline", "--nocolor", "deploy/deploy_billing_service.yml"])
+    assert done.returncode == 0, done.output
+    assert "0 failure(s), 0 warning(s)" in done.output, done.output
+
+
+def test_example_inventory_puts_the_host_in_the_group_with_sources():
+    inventory = os.path.join(DEPLOY, "inventory.ini.example")
+    done = run_tool([tool("ansible-playbook"), "-i", inventory, PLAYBOOK, "--list-hosts",
+                     "-l", "jp_xhttp_contabo_host"])
+    assert done.returncode == 0 and "jp_xhttp_contabo_host" in done.stdout, done.output
+    done = run_tool([tool("ansible-inventory"), "-i", inventory, "--host", "jp_xhttp_contabo_host"])
+    assert done.returncode == 0, done.output
+    sources = json.loads(done.stdout)["billing_exporter_sources"]
+    sources = json.loads(sources) if isinstance(sources, str) else sources  # the play takes both
+    assert sources and all(s["source_id"] and s["base_url"] for s in sources)
+
+
+# ---- check mode (the operators' dry run) ----------------------------------------------
+
+def test_dry_run_needs_database_url_and_names_it(tmp_path):
+    # The operator's own command line (example inventory, -l HOST); the connection
+    # is forced local so that nothing ever tries the placeholder address.
+    done = playbook(os.path.join(DEPLOY, "inventory.ini.example"), "-D", "-C", "-l", "jp_xhttp_contabo_host",
+                    "-e", "ansible_connection=local", "-e", "ansible_become=false",
+                    "-e", f"ansible_python_interpreter={sys.executable}",
+                    env=ansible_env(INTERNAL_SERVICE_TOKEN=TOKEN))
+    assert done.returncode != 0
+    assert "DATABASE_URL is not set: export DATABASE_URL=" in done.output, done.output
+    assert recap(done.output, "jp_xhttp_contabo_host")["failed"] == 1
+
+
+def test_dry_run_needs_the_token_and_names_it(tmp_path):
+    done = playbook(local_inventory(tmp_path), "-D", "-C",
+                    vars_file(tmp_path, "vars.json", deploy_vars(str(tmp_path), [])),
+                    env=ansible_env(DATABASE_URL=f"postgresql://billing:{DB_PASSWORD}@db.invalid/account"))
+    assert done.returncode != 0
+    assert "INTERNAL_SERVICE_TOKEN is not set" in done.output, done.output
+    assert DB_PASSWORD not in done.output
+
+
+def test_dry_run_passes_preflight_and_renders_the_plan_without_touching_the_host(tmp_path):
+    root = str(tmp_path / "host")
+    sources = [{"source_id": "a", "base_url": "http://127.0.0.1:9108", "enabled": False}]
+    had_user = user_exists(SERVICE_USER)
+    # The token as an extra var (the other way the preflight accepts it).
+    done = playbook(local_inventory(tmp_path), "-D", "-C", "-e", f"internal_service_token={TOKEN}",
+                    vars_file(tmp_path, "vars.json", deploy_vars(root, sources, billing_manage_service=True)),
+                    env=ansible_env(DATABASE_URL=f"postgresql://billing:{DB_PASSWORD}@db.invalid/account"))
+    assert done.returncode == 0, done.output
+    result = recap(done.output)
+    assert result["failed"] == 0 and result["changed"] > 0, done.output
+    # The plan: the unit as it would be written (diff), the env file without its secrets.
+    assert "ExecStart=" in done.stdout and "TASK [Env file" in done.stdout
+    assert DB_PASSWORD not in done.output and TOKEN not in done.output
+    assert not os.path.exists(root), "check mode must not write anything"
+    assert user_exists(SERVICE_USER) == had_user
+
+
+# ---- a real run ----------------------------------------------------------------------
+
+def bare_database(cluster) -> str:
+    """A database with only the users stub: the playbook must apply schema.sql."""
+    name = f"deploy{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = cluster.admin()
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name} OWNER billing")
+    admin.close()
+    url = cluster.url(name)
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute(open(os.path.join(DEPLOY, "users_stub.sql")).read())
+    conn.close()
+    return url
+
+
+def tables(db: Db) -> set:
+    return {row[0] for row in db.q("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+
+
+def test_real_run_installs_a_service_that_starts_from_its_unit_then_changes_nothing(
+        cluster, exporters, deploy_root, tmp_path):
+    started = time.monotonic()
+    db = Db(bare_database(cluster))
+    assert tables(db) == {"users"}
+    server = exporters([snap(at(-2, 5), (A, "xhttp", 100, 50))], tokens=(TRICKY_TOKEN,))
+    port = free_port()
+    values = deploy_vars(deploy_root, [source("a", server)], billing_listen_addr=f"127.0.0.1:{port}",
+                         billing_default_region=TRICKY_REGION)
+    args = ["-D", vars_file(tmp_path, "vars.json", values)]
+    env = ansible_env(DATABASE_URL=db.url, INTERNAL_SERVICE_TOKEN=TRICKY_TOKEN)
+    inventory = local_inventory(tmp_path)
+
+    first = playbook(inventory, *args, env=env)
+    assert first.returncode == 0, first.output
+    assert recap(first.output)["changed"] > 0
+    assert DB_PASSWORD not in first.output and TRICKY_TOKEN not in first.output
+    first_took = time.monotonic() - started
+
+    # Installed: code, virtualenv, env file (0600, admin-owned), unit, schema.
+    prefix = values["billing_install_prefix"]
+    for name in ("app.py", "schema.sql", "gunicorn.conf.py", "requirements.txt"):
+        with open(os.path.join(ROOT, name), "rb") as want, open(f"{prefix}/app/{name}", "rb") as got:
+            assert got.read() == want.read(), name
+    assert os.access(f"{prefix}/venv/bin/gunicorn", os.X_OK)
+    env_path = f"{values['billing_config_dir']}/billing-service.env"
+    info = os.stat(env_path)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert pwd.getpwuid(info.st_uid).pw_name == values.get("billing_admin_owner", "root")
+    unit_path = f"{values['billing_unit_dir']}/billing-service.service"
+    with open(unit_path) as handle:
+        unit = parse_unit(handle.read())
+    assert unit[("Service", "User")] == [values["billing_user"]]
+    assert unit[("Service", "EnvironmentFile")] == [env_path]
+    assert unit[("Service", "Restart")] == ["on-failure"]
+    assert {"billing_source_sync_state", "traffic_minute_buckets", "billing_ledger"} <= tables(db)
+    if IS_ROOT:
+        assert user_exists(SERVICE_USER)
+        analyzed = subprocess.run(["systemd-analyze", "verify", unit_path], capture_output=True, text=True)
+        assert analyzed.returncode == 0 and "billing-service" not in analyzed.stderr, analyzed.stderr
+
+    # The env file, read the way systemd reads it, holds the exact values
+    # (and a shell sourcing it agrees).
+    with open(env_path) as handle:
+        env_text = handle.read()
+    parsed = parse_env_file(env_text)
+    assert parsed["DATABASE_URL"] == db.url and parsed["INTERNAL_SERVICE_TOKEN"] == TRICKY_TOKEN
+    assert parsed["DEFAULT_REGION"] == TRICKY_REGION
+    assert json.loads(parsed["EXPORTER_SOURCES_JSON"]) == [source("a", server)]
+    shell = subprocess.run(["bash", "-c", 'set -a; . "$0"; exec "$1" -c "import json, os; print(json.dumps(dict(os.environ)))"',
+                            env_path, sys.executable], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert shell.returncode == 0, shell.stderr
+    assert {k: v for k, v in json.loads(shell.stdout).items() if k in parsed} == parsed
+
+    # Start exactly the unit's ExecStart= as its User= with its environment,
+    # and wait for /healthz (after the first collection run) and the bill.
+    db.add_users(A)
+    db.set_watermark("a", at(-5))
+    argv, unit_env, cwd = unit_process(unit, env_text)
+    assert argv[0] == f"{prefix}/venv/bin/gunicorn"
+    log = open(tmp_path / "service.log", "w+")
+    user = {"user": unit[("Service", "User")][0], "group": unit[("Service", "Group")][0], "extra_groups": []} \
+        if IS_ROOT else {}
+    proc = subprocess.Popen(argv, cwd=cwd, env=unit_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, **user)
+    try:
+        def healthy():
+            assert proc.poll() is None, open(tmp_path / "service.log").read()
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_for(healthy, timeout=60, interval=0.2, what="/healthz 200 from the installed unit's command")
+        (bucket,) = wait_for(db.buckets, timeout=10, what="the bucket billed by the deployed service")
+        assert bucket[2:5] == (A, TRICKY_REGION, "xhttp") and bucket[7] == 150
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode == 0, open(tmp_path / "service.log").read()
+
+    # Idempotent: a second run changes nothing (psql is skipped by its marker).
+    second = playbook(inventory, *args, env=env)
+    assert second.returncode == 0, second.output
+    assert recap(second.output) == {"ok": recap(second.output)["ok"], "changed": 0, "unreachable": 0, "failed": 0}
+    print(f"real run {first_took:.0f}s, whole test {time.monotonic() - started:.0f}s")
+    db.close()
+
+
+# ---- the unit, verified by systemd ------------------------------------------------------
+
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    """The template rendered by Ansible's own engine with paths that exist here
+    (gunicorn from the test venv, the current user); `systemd-analyze verify`
+    checks keys, values and that ExecStart is executable."""
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("systemd-analyze is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(os.path.join(VENV_BIN, "gunicorn"), venv / "bin" / "gunicorn")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "billing-service.env").write_text("")
+    me, my_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    rendered = tmp_path / "billing-service.service"
+    template_vars = {"bs_app_dir": str(tmp_path / "app"), "bs_venv": str(venv), "bs_user": me,
+                     "bs_group": my_group, "bs_env_file": str(tmp_path / "billing-service.env")}
+    done = run_tool([tool("ansible"), "localhost", "-c", "local", "-i", "localhost,",
+                     "-e", f"ansible_python_interpreter={sys.executable}",
+                     "-e", json.dumps(template_vars), "-m", "ansible.builtin.template",
+                     "-a", f"src={DEPLOY}/billing-service.service.j2 dest={rendered} mode=0644"])
+    assert done.returncode == 0, done.output
+    analyzed = subprocess.run([analyze, "verify", str(rendered)], capture_output=True, text=True)
+    # Lines about other units of this host (its own unit files) are not ours to judge.
+    ours = [line for line in analyzed.stderr.splitlines() if "billing-service" in line]
+    assert analyzed.returncode == 0 and ours == [], analyzed.stderr
+    # ...and the check is real: a typo and a missing binary are reported.
+    broken = tmp_path / "broken" / "billing-service.service"
+    broken.parent.mkdir()
+    broken.write_text(rendered.read_text().replace("ProtectSystem=", "ProtectSystm=")
+                      .replace(str(venv), "/nonexistent"))
+    analyzed = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True)
+    assert analyzed.returncode != 0 and "Unknown key" in analyzed.stderr and "/nonexistent" in analyzed.stderr
+
+
+# ---- the quick start: ./deploy/local.sh run (issue 2) ---------------------------------
+
+def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
+    """The README's first command, as a person runs it (on other ports and a
+    state directory of its own): a POST bills the demo exporter's traffic,
+    and Ctrl-C stops gunicorn, the exporter and PostgreSQL."""
+    state = tempfile.mkdtemp(prefix="billing-local-run-")
+    os.chmod(state, 0o755)
+    pg_port, exporter_port, http_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "BILLING_LOCAL_DIR": state, "BILLING_PG_PORT": str(pg_port),
+           "BILLING_EXPORTER_PORT": str(exporter_port), "LISTEN_ADDR": f"127.0.0.1:{http_port}"}
+    with open(os.path.join(state, "run.log"), "wb") as log:
+        proc = subprocess.Popen([os.path.join(ROOT, "deploy", "local.sh"), "run"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}"
+
+    def log_text():
+        with open(os.path.join(state, "run.log"), encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def answers():
+        assert proc.poll() is None, log_text()
+        try:
+            return requests.get(url + "/api/ping", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(answers, timeout=120, what="local.sh run to serve")
+        with open(os.path.join(state, "token")) as handle:
+            token = handle.read().strip()
+        assert f'curl -s -X POST -H "Authorization: Bearer {token}" localhost:{http_port}/v1/jobs/collect-and-rate' \
+            in log_text()
+        response = requests.post(url + "/v1/jobs/collect-and-rate", timeout=60,
+                                 headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200 and response.json()["processed_samples"] > 0, response.text
+        with open(os.path.join(state, "pg", "password")) as handle:
+            password = handle.read().strip()
+        conn = psycopg2.connect(f"postgresql://postgres:{password}@127.0.0.1:{pg_port}/account")
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT (SELECT count(*) FROM traffic_minute_buckets), (SELECT count(*) FROM billing_ledger)")
+            buckets, ledger = cur.fetchone()
+        conn.close()
+        assert buckets > 0 and ledger > 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        proc.wait(timeout=60)
+    assert not os.path.exists(os.path.join(state, "pg", "data", "postmaster.pid")), log_text()
+    for port in (exporter_port, http_port):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/", timeout=2)
+    assert "stopped" in log_text()
+    shutil.rmtree(state, ignore_errors=True)

@@ -91,7 +91,7 @@ pg_start() {
   password=$(cat "$dir/password")
   # Throwaway clusters skip fsync (tests); --durable keeps production's
   # durability so the benchmark measures real commits.
-  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c shared_buffers=256MB"
+  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c shared_buffers=256MB ${BILLING_PG_OPTS:-}"
   if [ "$durable" != "--durable" ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
@@ -112,7 +112,9 @@ free_port() {
 
 cmd_run() {
   ensure_venv
-  local state=$ROOT/.local pg_port=55432 exporter_port=9108 token admin db_url
+  # Overridable so a test can run this next to another copy of itself.
+  local state=${BILLING_LOCAL_DIR:-$ROOT/.local} pg_port=${BILLING_PG_PORT:-55432}
+  local exporter_port=${BILLING_EXPORTER_PORT:-9108} token admin db_url http_port
   mkdir -p "$state"
   token=$(cat "$state/token" 2>/dev/null || head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
   printf '%s\n' "$token" > "$state/token"
@@ -156,13 +158,14 @@ EOF
   export LISTEN_ADDR=${LISTEN_ADDR:-:8081} PRICE_PER_BYTE=${PRICE_PER_BYTE:-0.000001}
   export INITIAL_INCLUDED_QUOTA_BYTES=${INITIAL_INCLUDED_QUOTA_BYTES:-100000} INITIAL_BALANCE=${INITIAL_BALANCE:-10}
   export COLLECT_INTERVAL=${COLLECT_INTERVAL:-1m}
+  http_port=${LISTEN_ADDR##*:}
   cat >&2 <<EOF
 
 billing-service is starting on ${LISTEN_ADDR}. Try, in another terminal:
-  curl -s localhost:8081/healthz
-  curl -s -X POST -H "Authorization: Bearer $token" localhost:8081/v1/jobs/collect-and-rate
-  curl -s localhost:8081/v1/status
-  curl -s localhost:8081/metrics
+  curl -s localhost:$http_port/healthz
+  curl -s -X POST -H "Authorization: Bearer $token" localhost:$http_port/v1/jobs/collect-and-rate
+  curl -s localhost:$http_port/v1/status
+  curl -s localhost:$http_port/metrics
   psql '$db_url' -c 'SELECT * FROM traffic_minute_buckets ORDER BY bucket_start DESC LIMIT 5'
 Ctrl-C stops gunicorn, the demo exporter and PostgreSQL.
 
