@@ -446,6 +446,8 @@ def parse_sample(raw) -> Sample | None:
     # type() rather than isinstance(): JSON true/false must not count as 1/0.
     if type(up) is not int or type(down) is not int or not (0 <= up <= MAX_COUNTER and 0 <= down <= MAX_COUNTER):
         return None
+    if up + down > MAX_COUNTER:  # its bytes could never be stored as one bucket's total_bytes (BIGINT)
+        return None
     account = raw.get("uuid")
     if type(account) is not str:
         return None

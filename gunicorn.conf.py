@@ -4,6 +4,7 @@ Each worker runs one collector thread, started after fork (threads do not
 survive fork) and stopped when the worker exits. PostgreSQL advisory locks
 make the workers share the sources instead of collecting them twice.
 """
+import gc
 import os
 import sys
 
@@ -36,6 +37,11 @@ del _config
 
 
 def post_worker_init(worker):
+    # A catch-up allocates millions of short-lived, acyclic objects per page;
+    # with the default thresholds the cyclic collector walks every live object
+    # several times a page (half of the rating time). Reference counting frees
+    # them; cycles are still collected, just less often.
+    gc.set_threshold(50_000, 20, 100)
     worker.wsgi.extensions["billing_collector"].start()
 
 

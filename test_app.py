@@ -10,6 +10,7 @@ from __future__ import annotations
 import grp
 import io
 import json
+import logging
 import os
 import pwd
 import random
@@ -18,14 +19,18 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -37,6 +42,7 @@ import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+import trustme
 
 import app as billing
 from deploy import demo_exporter as dx
@@ -1345,12 +1351,10 @@ def test_bench_backlog_catch_up():
 
 # ---- operations: one truth on every worker, replays, metrics, logs (issue 5) ----
 
-# `from test_app import *` also brings test_app's tests: collect them there only.
-
 SOURCE_TOKEN = "tok-Source-b-9c2e1d7a40"  # a per-source exporter token (token_env)
 
 
-# ---- real gunicorn: test_app's Gunicorn / gunicorns, plus what these tests need --------
+# ---- real gunicorn: Gunicorn / gunicorns above, plus what these tests need -------------
 
 def booted(server, workers: int) -> None:
     """Wait until every worker has booted (/api/ping answers once the first has)."""
@@ -1359,7 +1363,7 @@ def booted(server, workers: int) -> None:
 
 
 class SplitGunicorn(Gunicorn):
-    """test_app's Gunicorn with its two streams apart: stdout (gunicorn's
+    """Gunicorn (above) with its two streams apart: stdout (gunicorn's
     access log) in ``log_path``, stderr (gunicorn's error log and our JSON
     lines) in ``stderr_path``."""
 
@@ -1944,8 +1948,6 @@ def test_status_shows_a_catchup_moving(db, exporters, service):
 
 # ---- deployment: Ansible playbook and systemd unit (issue 6) -----------------
 
-# `from test_app import *` also brings test_app's tests: collect them there only.
-
 DEPLOY = os.path.join(ROOT, "deploy")
 PLAYBOOK = os.path.join(DEPLOY, "deploy_billing_service.yml")
 VENV_BIN = os.path.dirname(os.path.abspath(sys.executable))
@@ -2435,3 +2437,965 @@ def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
             requests.get(f"http://127.0.0.1:{port}/", timeout=2)
     assert "stopped" in log_text()
     shutil.rmtree(state, ignore_errors=True)
+
+
+# ---- security: TLS, credentials, hostile exporters, secret hygiene (issue 7) ----
+
+
+SECRET_FILE_TOKEN = "tokFile-Secret-9a8b7c6d5e"
+SECRET_ENV_TOKEN = "tokEnv-Secret-1f2e3d4c5b"
+WRONG_TOKEN = "wrongTok-Secret-5e6f7a8b"
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def app_log():
+    """Every line the service logs (logger "billing_service", which does not
+    propagate to the root logger, so caplog alone would miss it)."""
+    handler = _Records()
+    logger = logging.getLogger("billing_service")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+_services = []
+
+
+def open_service(env: dict) -> Service:
+    """A Service whose connection pool is closed when the test (or, with
+    ``close_service``, the hypothesis example) ends: hundreds of examples must
+    not pile up idle connections."""
+    svc = Service(env)
+    _services.append(svc)
+    return svc
+
+
+def close_service(svc) -> None:
+    svc.app.extensions["billing_collector"].db.close_all()
+
+
+@pytest.fixture(autouse=True)
+def _close_services():
+    yield
+    while _services:
+        close_service(_services.pop())
+
+
+def events(lines, name):
+    out = []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("event") == name:
+            out.append(doc)
+    return out
+
+
+def assert_no_secret(haystacks, secrets):
+    for where, text in haystacks.items():
+        for secret in secrets:
+            assert secret not in text, f"secret {secret[:6]}... leaked into {where}: {text[:2000]}"
+
+
+# ---- TLS: a private CA made in the test --------------------------------------------
+
+@dataclass
+class Pki:
+    ca: object
+    server: object
+    client: object
+    ca_path: str
+    client_cert: str
+    client_key: str
+    client_combined: str
+    stranger_cert: str  # a client certificate from a CA the exporter does not trust
+    stranger_key: str
+    key_secret: str  # a line of the client key's PEM body: must never leave the process
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client = ca.issue_cert("billing-service.client.test")
+    stranger = trustme.CA().issue_cert("billing-service.client.test")
+    paths = {name: str(directory / name) for name in
+             ("ca.pem", "client.pem", "client.key", "client-combined.pem", "stranger.pem", "stranger.key")}
+    ca.cert_pem.write_to_path(paths["ca.pem"])
+    client.cert_chain_pems[0].write_to_path(paths["client.pem"])
+    client.private_key_pem.write_to_path(paths["client.key"])
+    client.private_key_and_cert_chain_pem.write_to_path(paths["client-combined.pem"])
+    stranger.cert_chain_pems[0].write_to_path(paths["stranger.pem"])
+    stranger.private_key_pem.write_to_path(paths["stranger.key"])
+    key_lines = client.private_key_pem.bytes().decode().splitlines()
+    return Pki(ca, server, client, paths["ca.pem"], paths["client.pem"], paths["client.key"],
+               paths["client-combined.pem"], paths["stranger.pem"], paths["stranger.key"], key_lines[1])
+
+
+@pytest.fixture
+def tls_exporters(pki):
+    """Like ``exporters``, but HTTPS with the test CA's 127.0.0.1 certificate;
+    ``require_client_cert`` makes the server demand a certificate of that CA."""
+    started = []
+
+    def start(snapshots=(), require_client_cert=False, **kwargs) -> Exporter:
+        server = Exporter(snapshots, **kwargs)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        pki.server.configure_cert(context)
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(pki.ca_path)
+        server.use_tls(context)
+        started.append(server.start())
+        assert server.url.startswith("https://127.0.0.1:")
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def source_state(result, source_id):
+    return {s["source_id"]: s for s in result["source_statuses"]}[source_id]
+
+
+def test_https_exporter_needs_its_ca_bundle_and_verification_cannot_be_switched_off(
+        db, tls_exporters, pki, monkeypatch):
+    db.add_users(A)
+    server = tls_exporters([snap(at(1, 5), (A, "", 100, 50))])
+    db.set_watermark("a", at(-1))
+    # Environment variables that loosen verification in other clients change nothing here.
+    monkeypatch.setenv("CURL_CA_BUNDLE", "")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "")
+    monkeypatch.setenv("PYTHONHTTPSVERIFY", "0")
+    status, result = open_service(service_env(db, [source("a", server)])).post()
+    assert (status, result["status"]) == (503, "error"), result
+    state = source_state(result, "a")
+    assert state["state"] == "failed" and "certificate verification failed" in state["last_error"]
+    assert "a: TLS handshake or certificate verification failed" in result["error"]
+    assert db.watermark("a") == at(-1) and db.buckets() == [] and db.ledger() == []
+    assert server.requests == []  # the token never reached an unverified peer
+
+    status, result = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path)])).post()
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 1), result
+    assert db.watermark("a") == at(1, 5) and len(db.buckets()) == 1
+    assert [auth for _, auth in server.requests] == [f"Bearer {TOKEN}"]
+
+
+def test_https_exporter_requiring_a_client_certificate(db, tls_exporters, pki):
+    db.add_users(A)
+    server = tls_exporters([snap(at(1, 5), (A, "", 100, 50))], require_client_cert=True)
+    db.set_watermark("a", at(-1))
+    without = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path)]))
+    stranger = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
+                                                     client_cert=pki.stranger_cert, client_key=pki.stranger_key)]))
+    for svc in (without, stranger):
+        status, result = svc.post()
+        assert (status, result["status"]) == (503, "error"), result
+        assert source_state(result, "a")["last_error"] == \
+            "TLS handshake or certificate verification failed (check ca_bundle / client_cert)"
+        assert db.watermark("a") == at(-1) and db.buckets() == []
+    assert server.requests == []  # the exporter never served a request without a trusted certificate
+
+    with_cert = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
+                                                      client_cert=pki.client_cert, client_key=pki.client_key)]))
+    status, result = with_cert.post()
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 1), result
+    assert db.watermark("a") == at(1, 5)
+    # A single PEM holding key and certificate works too (client_cert without client_key).
+    server.add(snap(at(2, 5), (A, "", 200, 50)))
+    combined = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
+                                                     client_cert=pki.client_combined)]))
+    status, result = combined.post()
+    assert (status, result["status"], result["written_minutes"]) == (200, "ok", 1), result
+    assert sum(b[7] for b in db.buckets()) == 250
+
+
+# ---- per-source tokens ----------------------------------------------------------------
+
+def test_per_source_tokens_and_token_file_rotation_without_restart(db, exporters, tmp_path, app_log):
+    db.add_users(A, B)
+    one = exporters([snap(at(1, 5), (A, "", 100, 50))], node_id="node-1", tokens=[SECRET_FILE_TOKEN])
+    two = exporters([snap(at(1, 5), (B, "", 10, 5))], node_id="node-2", tokens=[SECRET_ENV_TOKEN])
+    token_file = tmp_path / "exporter-1.token"
+    token_file.write_text(SECRET_FILE_TOKEN + "\n")  # trailing newline as editors and echo leave it
+    db.set_watermark("one", at(-1))
+    db.set_watermark("two", at(-1))
+    svc = open_service(service_env(db, [source("one", one, token_file=str(token_file)),
+                                        source("two", two, token_env="EXPORTER_TWO_TOKEN")],
+                                   EXPORTER_TWO_TOKEN=SECRET_ENV_TOKEN))
+    status, result = svc.post()
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 2), result
+    assert {a for _, a in one.requests} == {f"Bearer {SECRET_FILE_TOKEN}"}
+    assert {a for _, a in two.requests} == {f"Bearer {SECRET_ENV_TOKEN}"}
+    assert sorted((b[1], b[2]) for b in db.buckets()) == sorted([(f"{ENV}:node-1", A), (f"{ENV}:node-2", B)])
+
+    # Rotation in place: the exporter now accepts only the new token; same app instance.
+    rotated = "tokFile-Rotated-0c1d2e3f4a"
+    one.tokens = {rotated}
+    one.add(snap(at(2, 5), (A, "", 300, 50)))
+    token_file.write_text(rotated + "\n")
+    seen = len(one.requests)
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert {a for _, a in one.requests[seen:]} == {f"Bearer {rotated}"}
+    assert db.watermark("one") == at(2, 5)
+
+    # Rotation by atomic rename (how secret managers swap files).
+    renamed = "tokFile-Renamed-6b7c8d9e0f"
+    one.tokens = {renamed}
+    one.add(snap(at(3, 5), (A, "", 400, 50)))
+    staged = tmp_path / "exporter-1.token.new"
+    staged.write_text(renamed)
+    os.replace(staged, token_file)
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert sum(b[7] for b in db.buckets() if b[2] == A) == 450
+
+    # The token file disappears: that source fails clearly, the other one still runs.
+    token_file.unlink()
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "partial"), result
+    assert source_state(result, "one")["last_error"] == "token_file is not readable (No such file or directory)"
+    assert source_state(result, "two")["state"] == "ok"
+    assert_no_secret({"logs": "\n".join(app_log), "result": json.dumps(result)},
+                     [SECRET_FILE_TOKEN, rotated, renamed, SECRET_ENV_TOKEN, TOKEN])
+
+
+@pytest.mark.parametrize("field", ["ca_bundle", "client_cert", "client_key"])
+@pytest.mark.parametrize("change", ["removed", "garbage"])
+def test_tls_files_that_vanish_or_break_after_startup_fail_the_source_cleanly(
+        db, tls_exporters, pki, tmp_path, field, change):
+    """Certificates get rotated under a running service: a missing or broken
+    file fails that source for the run (no 500), and the next run recovers."""
+    db.add_users(A)
+    server = tls_exporters([snap(at(1, 5), (A, "", 100, 50))], require_client_cert=True)
+    originals = {"ca_bundle": pki.ca_path, "client_cert": pki.client_cert, "client_key": pki.client_key}
+    files = {}
+    for name, original in originals.items():
+        files[name] = tmp_path / f"{name}.pem"
+        shutil.copy(original, files[name])
+    db.set_watermark("a", at(-1))
+    svc = open_service(service_env(db, [source("a", server, **{k: str(v) for k, v in files.items()})]))
+    if change == "removed":
+        files[field].unlink()
+    else:
+        files[field].write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    status, result = svc.post()
+    assert (status, result["status"]) == (503, "error"), result
+    assert source_state(result, "a")["state"] == "failed" and str(tmp_path) not in result["error"]
+    assert db.watermark("a") == at(-1)
+    assert_still_serving(svc)
+    shutil.copy(originals[field], files[field])  # the rotation completes
+    status, result = svc.post()
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 1), result
+
+
+# ---- startup configuration -------------------------------------------------------------
+
+def sources_env(**fields) -> dict:
+    return base_env(EXPORTER_SOURCES_JSON=json.dumps([{"source_id": "edge-1", **fields}]))
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.5:8080", "http://exporter.example.com", "HTTP://10.0.0.5:8080", "http://0.0.0.0:8080",
+    "http://127.0.0.1.nip.io:8080", "http://localhost.example.com:8080", "http://[2001:db8::1]:8080",
+    "http://169.254.169.254"])
+def test_plain_http_to_a_remote_host_is_rejected_at_startup(url):
+    with pytest.raises(billing.ConfigError) as error:
+        billing.load_config(sources_env(base_url=url))
+    message = str(error.value)
+    assert "source 'edge-1'" in message and "base_url" in message and "https" in message
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080", "http://127.8.9.10:8080", "http://[::1]:8080", "http://localhost:8080",
+    "http://LOCALHOST:8080/prefix/", "https://10.0.0.5:8443", "https://exporter.example.com"])
+def test_loopback_http_and_any_https_are_accepted(url, app_log):
+    billing.create_app(sources_env(base_url=url))
+    assert events(app_log, "config_warning") == []
+
+
+def test_allow_plain_http_is_accepted_with_a_warning(app_log):
+    config = billing.load_config(sources_env(base_url="http://10.0.0.5:8080", allow_plain_http=True))
+    assert config.sources[0].allow_plain_http
+    billing.create_app(sources_env(base_url="http://10.0.0.5:8080", allow_plain_http=True))
+    (warning,) = events(app_log, "config_warning")
+    assert "edge-1" in warning["message"] and "allow_plain_http" in warning["message"]
+    assert "not encrypted" in warning["message"]
+    with pytest.raises(billing.ConfigError, match="allow_plain_http must be true or false"):
+        billing.load_config(sources_env(base_url="http://10.0.0.5:8080", allow_plain_http="yes"))
+
+
+@pytest.mark.parametrize("field", ["token_file", "ca_bundle", "client_cert", "client_key"])
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty path", "not a string"])
+def test_missing_or_unreadable_credential_files_are_startup_errors(field, kind, tmp_path, pki):
+    path = {"missing": str(tmp_path / "nope.pem"), "directory": str(tmp_path), "empty path": "",
+            "not a string": 7}[kind]
+    fields = {"base_url": "https://exporter.example.com", field: path}
+    if field == "client_key":
+        fields["client_cert"] = pki.client_cert
+    with pytest.raises(billing.ConfigError) as error:
+        billing.load_config(sources_env(**fields))
+    message = str(error.value)
+    assert "EXPORTER_SOURCES_JSON" in message and "source 'edge-1'" in message and field in message
+
+
+def test_token_env_must_name_a_set_variable_and_credentials_are_exclusive(tmp_path):
+    with pytest.raises(billing.ConfigError, match="source 'edge-1': token_env: environment variable EDGE_TOKEN"):
+        billing.load_config(sources_env(base_url="https://x.example.com", token_env="EDGE_TOKEN"))
+    token_file = tmp_path / "t"
+    token_file.write_text("x-token")
+    with pytest.raises(billing.ConfigError, match="token_file or token_env, not both"):
+        billing.load_config(sources_env(base_url="https://x.example.com", token_env="EDGE_TOKEN",
+                                        token_file=str(token_file)))
+    with pytest.raises(billing.ConfigError, match="client_key needs client_cert"):
+        billing.load_config(sources_env(base_url="https://x.example.com", client_key=str(token_file)))
+
+
+@pytest.mark.parametrize("fields", [
+    {"verify": False}, {"insecure": True}, {"tls_verify": False}, {"verify_tls": False}, {"ssl_verify": False},
+    {"insecure_skip_verify": True}, {"ca_bundle": False}, {"ca_bundle": ""}, {"ca_bundle": None}])
+def test_tls_verification_cannot_be_disabled(fields):
+    with pytest.raises(billing.ConfigError) as error:
+        billing.load_config(sources_env(base_url="https://exporter.example.com", **fields))
+    assert "source" in str(error.value)
+
+
+# ---- hostile exporters: raw HTTP answers ---------------------------------------------
+
+class RawHandler(dx._Handler):
+    """Lets a test write the exporter's answer byte by byte (``server.raw``)."""
+
+    def do_GET(self):
+        raw = getattr(self.server, "raw", None)
+        if raw is None:
+            return super().do_GET()
+        self.server.requests.append(({}, self.headers.get("Authorization", "")))
+        self.close_connection = True
+        try:
+            raw(self)
+        except OSError:
+            pass  # the client hung up, as it should
+
+
+def raw_exporter(exporters, raw) -> Exporter:
+    server = exporters([])
+    server.RequestHandlerClass = RawHandler
+    server.raw = raw
+    return server
+
+
+def head(handler, status=200, **headers):
+    lines = [f"HTTP/1.1 {status} X", "Content-Type: application/json", "Connection: close"]
+    lines += [f"{key.replace('_', '-')}: {value}" for key, value in headers.items()]
+    handler.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    handler.wfile.flush()
+
+
+def run_against(db, server, **fields):
+    db.set_watermark("a", at(-1))
+    svc = open_service(service_env(db, [source("a", server, **fields)]))
+    clock = time.monotonic()
+    status, result = svc.post()
+    return status, result, time.monotonic() - clock
+
+
+def test_gigantic_streamed_body_hits_the_real_cap(db, exporters):
+    sent = {"bytes": 0}
+
+    def endless_body(handler):
+        head(handler)  # no Content-Length: the cap must hold while streaming
+        handler.wfile.write(b'{"snapshots":[')
+        block = b" " * (1 << 20)
+        while sent["bytes"] < billing.MAX_BODY_BYTES + (8 << 20):
+            handler.wfile.write(block)
+            sent["bytes"] += len(block)
+
+    server = raw_exporter(exporters, endless_body)
+    status, result, _ = run_against(db, server)
+    assert status == 503 and source_state(result, "a")["last_error"] == \
+        f"exporter page is larger than {billing.MAX_BODY_BYTES} bytes"
+    assert db.watermark("a") == at(-1)
+
+
+def test_declared_oversize_and_gzip_bomb_are_refused(db, exporters, monkeypatch):
+    monkeypatch.setattr(billing, "MAX_BODY_BYTES", 1 << 20)
+    server = raw_exporter(exporters, lambda h: head(h, Content_Length=10**12))
+    status, result, _ = run_against(db, server)
+    assert status == 503 and "larger than 1048576 bytes" in result["error"]
+
+    db.add_users(B)
+    page = json.dumps({"node_id": NODE, "env": ENV, "has_more": False,
+                       "snapshots": [snap(at(1, 5), (B, "", 10, 10))]}).encode()
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip: a valid page, then 64 MiB of blanks
+    bomb = squeeze.compress(page[:-1]) + b"".join(squeeze.compress(b" " * (1 << 20)) for _ in range(64))
+    bomb += squeeze.compress(b"}") + squeeze.flush()
+    assert len(bomb) < (1 << 20)  # small on the wire, huge when inflated
+
+    def send_bomb(handler):
+        head(handler, Content_Length=len(bomb), Content_Encoding="gzip")
+        handler.wfile.write(bomb)
+
+    server.raw = send_bomb
+    status, result, _ = run_against(db, server)
+    assert status == 503 and "larger than 1048576 bytes" in result["error"], result
+    assert db.buckets() == [] and db.watermark("a") == at(-1)
+
+
+def test_slow_exporters_are_bounded_by_the_source_timeout(db, exporters):
+    stop = threading.Event()
+
+    def drip(handler):  # a byte at a time: every read succeeds, the page never ends (well, in 8 s)
+        head(handler, Content_Length=100000)
+        deadline = time.monotonic() + 8
+        while not stop.wait(0.05) and time.monotonic() < deadline:
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+
+    def stall(handler):
+        head(handler, Content_Length=100)
+        stop.wait(10)
+
+    def silent(handler):
+        stop.wait(10)
+
+    try:
+        for behaviour, message in ((silent, "did not answer within 1s"), (stall, "did not answer within 1s"),
+                                   (drip, "took longer than 1s")):
+            server = raw_exporter(exporters, behaviour)
+            status, result, seconds = run_against(db, server, timeout_seconds=1)
+            assert status == 503 and message in source_state(result, "a")["last_error"], (behaviour, result)
+            assert seconds < 4, (behaviour.__name__, seconds)
+            assert db.watermark("a") == at(-1)
+    finally:
+        stop.set()
+
+
+def test_redirects_are_not_followed(db, exporters):
+    db.add_users(A)
+    elsewhere = exporters([snap(at(1, 5), (A, "", 100, 50))])
+    server = raw_exporter(exporters, lambda h: head(h, 302, Location=elsewhere.url + "/v1/snapshots/window",
+                                                    Content_Length=0))
+    status, result, _ = run_against(db, server)
+    assert status == 503 and source_state(result, "a")["last_error"] == "exporter answered HTTP 302"
+    assert elsewhere.requests == [] and db.buckets() == []
+
+
+# ---- fuzzing through the real HTTP path ------------------------------------------------
+
+FUZZ_CAP = 32 * 1024  # MAX_BODY_BYTES during the fuzz (the app reads it per request)
+FUZZ_MAX_PAGES = 4  # MAX_PAGES_PER_RUN during the fuzz
+
+
+def page_doc(snapshots, has_more=False, next_cursor="", node_id=NODE, env=ENV) -> dict:
+    return {"node_id": node_id, "env": env, "snapshots": snapshots, "has_more": has_more,
+            "next_cursor": next_cursor}
+
+
+def good_page(index: int, has_more=True) -> bytes:
+    """Page ``index`` of a well-behaved exporter: account A's growing counter."""
+    return json.dumps(page_doc([snap(at(1 + index, 10), (A, "good", 100 * (index + 1), 10 * (index + 1)))],
+                               has_more, f"c{index + 1}" if has_more else "")).encode()
+
+
+def hostile_snapshots() -> list:
+    """What a faulty page carries: account B, which must never be billed."""
+    return [snap(at(20, 5), (B, "bad", 500, 500)), snap(at(21, 5), (B, "bad", 900, 900))]
+
+
+JSON_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False),
+                      st.text(max_size=8), st.lists(st.integers(), max_size=2),
+                      st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+BAD_TIMES = st.one_of(
+    st.sampled_from(["", "yesterday", "2026-02-30T00:00:00Z", "2026-04-08T12:00:00", "2026-04-08 12:00:00Z",
+                     "2026-04-08T25:00:00Z", "2026-04-08T12:00:00.1234567890Z", "2026-04-08T12:00:00+24:00",
+                     "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "9999-12-31T23:59:59Z",
+                     "1999-01-01T00:00:00Z", rfc(at(-10)), rfc(BASE + timedelta(days=1)), "\ud800"]),
+    st.integers(), st.none(), st.text(max_size=30).filter(lambda t: not re.match(r"\d{4}-\d\d-\d\d[Tt]", t)))
+WRONG_LABELS = st.one_of(st.sampled_from(["", "node-b", "node-a ", "NODE-A", "prod", "\ud800", "x" * 300, "a\x00"]),
+                         st.text(min_size=1, max_size=10).filter(lambda t: t not in (NODE, ENV)))
+
+
+@st.composite
+def page_faults(draw):
+    """A page-level fault: (kind, script(index, cursor) -> (status, body))."""
+    kind = draw(st.sampled_from([
+        "status", "not json", "truncated", "deep nesting", "huge number", "top level", "snapshots type",
+        "has_more type", "next_cursor type", "page identity", "snapshot identity", "snapshot type",
+        "collected_at", "samples type", "gigantic", "cursor stuck", "cursor missing", "endless empty",
+        "endless data"]))
+    snaps = hostile_snapshots()
+    doc = page_doc(snaps)
+    body = None
+    status = 200
+    if kind == "status":
+        status = draw(st.sampled_from([201, 204, 301, 302, 400, 401, 403, 404, 429, 500, 502, 503]))
+        body = b"" if status == 204 else json.dumps(doc).encode()
+    elif kind == "not json":
+        body = draw(st.one_of(st.binary(max_size=200), st.sampled_from(
+            [b"", b"null\x00", b"\xff\xfe{}", b"{'a': 1}", b"{\"snapshots\": [}", b"NaN-", b"<html>502</html>"])))
+        try:
+            json.loads(body)
+            body = b"<" + body  # still not JSON
+        except (ValueError, RecursionError):
+            pass
+    elif kind == "truncated":
+        full = json.dumps(doc).encode()
+        body = full[:draw(st.integers(0, len(full) - 1))]
+    elif kind == "deep nesting":
+        body = b'{"snapshots":' + b"[" * draw(st.integers(10**4, 10**5)) + b"]"
+    elif kind == "huge number":  # past Python's int parsing limit: the whole page is not JSON
+        digits = "9" * draw(st.integers(4301, 6000))
+        body = json.dumps(doc).replace('"uplink_bytes_total": 500', f'"uplink_bytes_total": {digits}').encode()
+    elif kind == "top level":
+        body = json.dumps(draw(st.one_of(st.lists(JSON_JUNK, max_size=3), st.text(max_size=5), st.integers(),
+                                         st.just([doc])))).encode()
+    elif kind == "snapshots type":
+        doc["snapshots"] = draw(JSON_JUNK.filter(lambda v: v is not None and not isinstance(v, list))
+                                | st.just({"0": snaps[0]}))
+    elif kind == "has_more type":
+        doc["has_more"] = draw(JSON_JUNK.filter(lambda v: not isinstance(v, bool)) | st.sampled_from(["true", 1, 0]))
+    elif kind == "next_cursor type":
+        doc["has_more"] = draw(st.booleans())
+        doc["next_cursor"] = draw(JSON_JUNK.filter(lambda v: v is not None and not isinstance(v, str))
+                                  | st.sampled_from(["c" * 256, "c1\x00", "\ud800"]))
+    elif kind == "page identity":
+        label, expected = draw(st.sampled_from([("node_id", NODE), ("env", ENV)]))
+        doc[label] = draw(WRONG_LABELS.filter(lambda v: v != expected) | JSON_JUNK.filter(
+            lambda v: v is not None and not isinstance(v, str)))
+    elif kind == "snapshot identity":  # one snapshot of the page is foreign: the page goes whole
+        label, expected = draw(st.sampled_from([("node_id", NODE), ("env", ENV)]))
+        doc["snapshots"][draw(st.integers(0, 1))][label] = draw(WRONG_LABELS.filter(lambda v: v != expected))
+    elif kind == "snapshot type":
+        doc["snapshots"].insert(draw(st.integers(0, 2)), draw(JSON_JUNK.filter(lambda v: not isinstance(v, dict))))
+    elif kind == "collected_at":
+        target = doc["snapshots"][draw(st.integers(0, 1))]
+        if draw(st.booleans()):
+            target["collected_at"] = draw(BAD_TIMES)
+        else:
+            del target["collected_at"]
+    elif kind == "samples type":
+        doc["snapshots"][draw(st.integers(0, 1))]["samples"] = draw(
+            JSON_JUNK.filter(lambda v: v is not None and not isinstance(v, list)))
+    elif kind == "gigantic":  # a perfectly valid page, only too big
+        body = json.dumps({**doc, "padding": " " * draw(st.integers(FUZZ_CAP, 2 * FUZZ_CAP))}).encode()
+    elif kind == "cursor stuck":  # has_more, but next_cursor is the cursor just sent
+        def script(index, cursor):
+            return 200, json.dumps(page_doc(snaps, True, cursor)).encode()
+        return kind, script
+    elif kind == "cursor missing":
+        doc["has_more"] = True
+        if draw(st.booleans()):
+            del doc["next_cursor"]
+    elif kind == "endless data":
+        return kind, None
+    elif kind == "endless empty":  # cursors advance, has_more never ends, nothing is ever served
+        def script(index, cursor):
+            return 200, json.dumps(page_doc([], True, f"c{index + 1}", "", "")).encode()
+        return kind, script
+    if body is None:
+        body = json.dumps(doc).encode()
+    return kind, lambda index, cursor: (status, body)
+
+
+def serve_script(prefix: int, script):
+    """Exporter fault hook: ``prefix`` good pages, then ``script`` (cursor cN = page N)."""
+    def fault(query):
+        cursor = query.get("cursor", "")
+        match = re.fullmatch(r"c(\d+)", cursor)
+        index = int(match.group(1)) if match else 0 if cursor == "" else None
+        if index is None:
+            return 400, b'{"error":"bad cursor"}'
+        if index < prefix:
+            return 200, good_page(index)
+        return script(index, cursor)
+    return fault
+
+
+@pytest.fixture
+def fuzz_exporter(exporters):
+    """One exporter for all examples of a fuzz test; each example sets its ``fault``."""
+    return exporters([])
+
+
+def assert_still_serving(svc):
+    for path, allowed in (("/healthz", (200, 503)), ("/v1/status", (200,)), ("/metrics", (200,)),
+                          ("/api/ping", (200,))):
+        response = svc.client.get(path)
+        assert response.status_code in allowed, (path, response.status_code, response.data[:300])
+
+
+def billed_of(db, account_id):
+    return sum(b[7] for b in db.buckets() if b[2] == account_id)
+
+
+def assert_nothing_of(db, account_id):
+    assert billed_of(db, account_id) == 0
+    assert not [r for r in db.ledger() if r[1] == account_id]
+    assert not [r for r in db.checkpoints() if r[1] == account_id]
+    assert not [r for r in db.quota() if r[0] == account_id]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fault=page_faults(), prefix=st.integers(0, 2))
+def test_fuzz_page_level_faults_move_no_watermark_and_write_nothing_of_the_page(
+        db, fuzz_exporter, monkeypatch, fault, prefix):
+    monkeypatch.setattr(billing, "MAX_BODY_BYTES", FUZZ_CAP)
+    kind, script = fault
+    if kind == "endless data":  # good pages that never end: MAX_PAGES_PER_RUN bounds them
+        prefix = 10**9
+    reset_database(db, [A, B])
+    db.set_watermark("a", at(-1))
+    server = fuzz_exporter
+    server.fault = serve_script(prefix, script)
+    server.requests.clear()
+    svc = open_service(service_env(db, [source("a", server)], MAX_PAGES_PER_RUN=FUZZ_MAX_PAGES))
+    try:
+        check_page_fault(db, svc, server, kind, prefix)
+    finally:
+        close_service(svc)
+
+
+def check_page_fault(db, svc, server, kind, prefix):
+    status, result = svc.post()
+    assert status == 503 and result["status"] == "error", (kind, result)
+    state = source_state(result, "a")
+    assert state["state"] == "failed" and state["last_error"], (kind, result)
+    applied = min(prefix, FUZZ_MAX_PAGES)
+    assert db.watermark("a") == (at(applied, 10) if applied else at(-1)), (kind, result)
+    assert billed_of(db, A) == 110 * applied
+    assert_nothing_of(db, B)
+    assert len(server.requests) <= FUZZ_MAX_PAGES + 1
+    assert_still_serving(svc)
+
+
+BAD_COUNTERS = st.one_of(
+    st.sampled_from([True, False, 1.0, 1.5, -1, -2**63, 2**63, 2**64, 10**30, "100", "", None, [], {},
+                     float("nan"), float("inf")]),
+    st.floats(allow_nan=True), st.integers(max_value=-1), st.integers(min_value=2**63), st.text(max_size=5))
+BAD_UUIDS = st.one_of(
+    st.sampled_from(["", "not-a-uuid", B[:-1], B + "0", B.replace("-", "_"), "\ud800", 123, None, [B], {"u": B}]),
+    st.text(max_size=40).filter(lambda t: not _parses_as_uuid(t)))
+
+
+def _parses_as_uuid(text) -> bool:
+    try:
+        uuid.UUID(text)
+        return True
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+@st.composite
+def bad_samples(draw):
+    sample = {"uuid": B, "email": "b@example.com", "inbound_tag": "bad", "uplink_bytes_total": 7,
+              "downlink_bytes_total": 9}
+    kind = draw(st.sampled_from(["counter", "missing counter", "uuid", "missing uuid", "tag", "not an object"]))
+    if kind == "counter":
+        sample[draw(st.sampled_from(["uplink_bytes_total", "downlink_bytes_total"]))] = draw(BAD_COUNTERS)
+    elif kind == "missing counter":
+        del sample[draw(st.sampled_from(["uplink_bytes_total", "downlink_bytes_total"]))]
+    elif kind == "uuid":
+        sample["uuid"] = draw(BAD_UUIDS)
+    elif kind == "missing uuid":
+        del sample["uuid"]
+    elif kind == "tag":
+        sample["inbound_tag"] = draw(st.sampled_from([7, [], {}, True, "t" * 256, "a\x00b", "\ud800", "x\udfff"]))
+    else:
+        sample = draw(JSON_JUNK.filter(lambda v: not isinstance(v, dict)))
+    return kind, sample
+
+
+GOOD_COUNTERS = st.one_of(st.integers(0, 2**40), st.sampled_from([0, 1, 2**62 - 1]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=bad_samples(), prefix=st.integers(0, 2),
+       good=st.lists(st.tuples(GOOD_COUNTERS, GOOD_COUNTERS), min_size=1, max_size=4),
+       split=st.integers(0, 4), position=st.integers(0, 4))
+def test_fuzz_a_bad_sample_is_skipped_counted_and_the_rest_billed(db, fuzz_exporter, bad, prefix, good, split,
+                                                                  position):
+    kind, bad_sample = bad
+    reset_database(db, [A, B])
+    db.set_watermark("a", at(-1))
+    good_samples = [{"uuid": A.upper() if i % 2 else A, "inbound_tag": f"g{i}", "uplink_bytes_total": up,
+                     "downlink_bytes_total": down} for i, (up, down) in enumerate(good)]
+    # Good samples over one or two snapshots; the bad one somewhere among them.
+    split = min(split, len(good_samples))
+    groups = [good_samples[:split], good_samples[split:]]
+    target = groups[position % 2]
+    target.insert(position % (len(target) + 1), bad_sample)
+    snapshots = [{"collected_at": rfc(at(10 + i, 30)), "samples": samples}
+                 for i, samples in enumerate(group for group in groups if group)]
+    last = json.dumps(page_doc(snapshots)).encode()
+    server = fuzz_exporter
+    server.fault = serve_script(prefix, lambda index, cursor: (200, last))
+    svc = open_service(service_env(db, [source("a", server)]))
+    try:
+        check_bad_sample(db, svc, kind, bad_sample, prefix, good, snapshots)
+    finally:
+        close_service(svc)
+
+
+def check_bad_sample(db, svc, kind, bad_sample, prefix, good, snapshots):
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "partial"), (kind, bad_sample, result)
+    assert result["invalid_samples"] == 1 and source_state(result, "a")["invalid_samples"] == 1
+    assert "a: 1 invalid samples skipped" in result["error"]
+    assert result["processed_samples"] == prefix + len(good)
+    assert billed_of(db, A) == 110 * prefix + sum(up + down for up, down in good)
+    assert_nothing_of(db, B)
+    assert db.watermark("a") == at(10 + len(snapshots) - 1, 30)
+    assert_still_serving(svc)
+
+
+@pytest.mark.parametrize("where", ["next_cursor", "page node_id", "snapshot env", "inbound_tag"])
+@pytest.mark.parametrize("text", ["\ud800", "x\udfff", "a\x00b"])
+def test_unencodable_exporter_text_is_rejected_not_a_crash(db, exporters, where, text):
+    """A lone surrogate ("\\ud800" in JSON) or NUL has no UTF-8 form: it can
+    reach neither PostgreSQL nor a URL. Sources without expected node/env let
+    exporter labels through, so that is the case tested here."""
+    db.add_users(A)
+    doc = page_doc([snap(at(1, 5), (A, "good", 10, 10), (A, "other", 1, 1))])
+    if where == "next_cursor":
+        doc.update(has_more=True, next_cursor=text)
+    elif where == "page node_id":
+        doc["node_id"] = text
+    elif where == "snapshot env":
+        doc["snapshots"][0]["env"] = text
+    else:
+        doc["snapshots"][0]["samples"][1]["inbound_tag"] = text
+    server = exporters([])
+    server.fault = lambda query: (200, json.dumps(doc).encode()) if "cursor" not in query else (
+        200, json.dumps(page_doc([])).encode())
+    db.set_watermark("a", at(-1))
+    svc = open_service(service_env(db, [{"source_id": "a", "base_url": server.url}]))
+    status, result = svc.post()
+    assert_still_serving(svc)
+    if where == "inbound_tag":  # one bad sample: skipped and counted, the rest billed
+        assert (status, result["status"], result["invalid_samples"]) == (200, "partial", 1), result
+        assert [(b[4], b[7]) for b in db.buckets()] == [("good", 20)]
+    else:  # a bad page: the source fails clearly, nothing written
+        assert (status, result["status"]) == (503, "error"), result
+        assert "malformed page" in result["error"] and db.buckets() == [] and db.watermark("a") == at(-1)
+
+
+def test_counters_at_the_limit_never_crash_the_service(db, exporters):
+    """2^63-1 in both directions: each counter is in range, but their sum
+    cannot be stored as a bucket's total (BIGINT). That sample is invalid
+    (skipped, counted) and the source does not get stuck on its page; a
+    sample whose sum fits is billed."""
+    db.add_users(A, B)
+    top = 2**63 - 1
+    server = exporters([snap(at(1, 5), (A, "", top, top), (B, "", top - 10, 10))])
+    db.set_watermark("a", at(-1))
+    svc = open_service(service_env(db, [source("a", server)]))
+    status, result = svc.post()
+    assert status == 200 and result["status"] == "partial" and result["invalid_samples"] == 1, result
+    assert_still_serving(svc)
+    assert billed_of(db, A) == 0 and billed_of(db, B) == top
+    assert db.watermark("a") == at(1, 5)
+
+
+# ---- secret hygiene ---------------------------------------------------------------------
+
+def everything_visible(svc, results, lines, caplog) -> dict:
+    out = {"result " + str(i): json.dumps(r) for i, r in enumerate(results)}
+    for path in ("/v1/status", "/healthz", "/metrics", "/api/ping"):
+        out[path] = svc.client.get(path).get_data(as_text=True)
+    out["service log"] = "\n".join(lines)
+    out["other loggers"] = caplog.text
+    return out
+
+
+def test_no_secret_leaves_the_process(db, exporters, tls_exporters, pki, tmp_path, app_log, caplog):
+    caplog.set_level(logging.DEBUG)
+    db.add_users(A)
+    token_file = tmp_path / "token"
+    token_file.write_text(SECRET_FILE_TOKEN)
+    good = tls_exporters([snap(at(1, 5), (A, "", 100, 50))], require_client_cert=True)
+    refusing = exporters([snap(at(1, 5), (A, "", 1, 1))], node_id="node-401", tokens=["some-other-token"])
+    # A hostile exporter that reflects the bearer token it was given into the page.
+    reflecting = exporters([], node_id="node-echo", tokens=[SECRET_FILE_TOKEN])
+    reflecting.fault = lambda query: (200, json.dumps(page_doc(
+        [snap(at(1, 5), (A, "", 1, 1))], node_id=reflecting.requests[-1][1].split(" ", 1)[1])).encode())
+    closed = free_port()
+    sources = [source("good", good, ca_bundle=pki.ca_path, client_cert=pki.client_cert, client_key=pki.client_key),
+               source("refusing", refusing, token_env="EXPORTER_TOKEN"),
+               source("reflecting", reflecting, token_file=str(token_file)),
+               {"source_id": "closed", "base_url": f"http://127.0.0.1:{closed}/exporter"}]
+    for s in sources:
+        db.set_watermark(s["source_id"], at(-1))
+    svc = open_service(service_env(db, sources, EXPORTER_TOKEN=SECRET_ENV_TOKEN))
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "partial"), result
+    errors = {s["source_id"]: s["last_error"] for s in result["source_statuses"]}
+    assert errors["good"] == "" and errors["refusing"] == "exporter answered HTTP 401"
+    assert errors["reflecting"] == "page node_id '***' is not the expected 'node-echo'"
+    assert errors["closed"] == "could not connect to the exporter"
+    assert "since=" not in result["error"] and "127.0.0.1" not in result["error"]  # no requests text, no URL
+    # Wrong job tokens, repeatedly, by both headers.
+    for headers in ({"Authorization": f"Bearer {WRONG_TOKEN}"}, {"X-Service-Token": WRONG_TOKEN},
+                    {"Authorization": f"Bearer {TOKEN}x"}, {"Authorization": f"Basic {TOKEN}"}):
+        assert svc.post(token=None, headers=headers) == (401, {"error": "missing or wrong service token"})
+    failures = events(app_log, "auth_failed")
+    assert [f["failures"] for f in failures] == [1, 2, 3, 4] and failures[0]["path"] == "/v1/jobs/collect-and-rate"
+    visible = everything_visible(svc, [result], app_log, caplog)
+    assert_no_secret(visible, [TOKEN, DB_PASSWORD, SECRET_FILE_TOKEN, SECRET_ENV_TOKEN, WRONG_TOKEN, pki.key_secret])
+    assert "***" in visible["/v1/status"]  # the reflected token was stored redacted
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://billing:{pw}@127.0.0.1:{port}/account",
+    "postgres://billing@127.0.0.1:{port}/account?password={pw}&connect_timeout=2",
+    "host=127.0.0.1 port={port} user=billing password={pw} dbname=account",
+    "wrong password"])
+def test_database_down_or_refusing_the_service_starts_and_reveals_no_password(
+        dsn, cluster, exporters, app_log, caplog):
+    caplog.set_level(logging.DEBUG)
+    password = DB_PASSWORD
+    if dsn == "wrong password":
+        password = "pw-Wrong-Secret-77aa11bb"
+        dsn, port = "postgresql://billing:{pw}@127.0.0.1:{port}/billing_template", cluster.port
+    else:
+        port = free_port()  # nothing listens there
+    url = dsn.format(pw=password, port=port)
+    server = exporters([])
+    svc = open_service(service_env(types.SimpleNamespace(url=url), [source("a", server)]))
+    status, health = svc.get("/healthz")
+    assert status == 503 and health["status"] == "error" and health["message"].startswith("database error: ")
+    assert svc.get("/v1/status")[0] == 503
+    metrics = svc.client.get("/metrics")
+    assert metrics.status_code == 200 and "billing_database_up 0" in metrics.get_data(as_text=True)
+    assert svc.get("/api/ping")[0] == 200
+    status, result = svc.post()
+    assert (status, result["status"]) == (503, "error") and "a: database error: " in result["error"], result
+    assert server.requests == []
+    assert events(app_log, "source_failed") and events(app_log, "run_not_recorded")
+    visible = everything_visible(svc, [result, health], app_log, caplog)
+    assert_no_secret(visible, [password, url, TOKEN])
+
+
+@pytest.mark.parametrize("url", [
+    "https://user:{s}@exporter.example.com", "https://{s}@exporter.example.com", "http://user:{s}@127.0.0.1:9100",
+    "https://user:{s}@exporter.example.com:99999", "https://exporter.example.com/?token={s}",
+    "https://exporter.example.com/#{s}", "http://user:{s}@10.0.0.5:8080"])
+def test_credentials_in_base_url_are_rejected_without_echoing_them(url):
+    secret = "urlSecret-3c4d5e6f7a"
+    for env in (sources_env(base_url=url.format(s=secret)),
+                base_env(EXPORTER_SOURCES_JSON=None, EXPORTER_BASE_URL=url.format(s=secret))):
+        with pytest.raises(billing.ConfigError) as error:
+            billing.load_config(env)
+        assert "base_url" in str(error.value) and secret not in str(error.value)
+
+
+def test_gunicorn_refuses_a_credentialed_url_without_echoing_it():
+    secret = "urlSecret-8e9f0a1b2c"
+    done = run_gunicorn_until_exit(base_env(
+        LISTEN_ADDR=f"127.0.0.1:{free_port()}",
+        EXPORTER_SOURCES_JSON=json.dumps([{"source_id": "edge", "base_url": f"https://ops:{secret}@x.example.com"}])))
+    assert done.returncode != 0 and "source 'edge': base_url must not carry credentials" in done.stderr
+    assert secret not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+# ---- job endpoints -----------------------------------------------------------------------
+
+def test_job_body_over_64_kib_is_413_json(db, exporters, service):
+    _, svc = one_source(db, exporters, service, [])
+    for job in ("collect-and-rate", "reconcile"):
+        response = svc.client.post(f"/v1/jobs/{job}", data=b" " * (64 * 1024 + 1),
+                                   headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 413 and response.is_json
+        assert response.get_json() == {"error": "request body is larger than 65536 bytes"}
+    status, _ = svc.post("reconcile", body=b" " * (64 * 1024))  # exactly the cap: accepted
+    assert status == 200
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(given_token=st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=80),
+       header=st.sampled_from(["Authorization", "X-Service-Token"]), scheme=st.sampled_from(["Bearer ", "bearer ", ""]))
+def test_any_wrong_token_is_a_logged_401_that_never_logs_the_token(app_log, given_token, header, scheme):
+    if given_token.strip() == TOKEN:
+        return
+    svc = open_service(base_env(COLLECT_INTERVAL="0"))  # the token check comes before any database or exporter
+    value = (scheme if header == "Authorization" else "") + given_token
+    before = len(app_log)
+    response = svc.client.post("/v1/jobs/collect-and-rate", headers={header: value})
+    assert response.status_code == 401 and response.get_json() == {"error": "missing or wrong service token"}
+    (logged,) = app_log[before:]
+    entry = json.loads(logged)
+    # Only these fields, none of them carrying what the client sent as a token.
+    assert set(entry) == {"time", "event", "path", "remote_addr", "failures"} and entry["event"] == "auth_failed"
+    assert entry["path"] == "/v1/jobs/collect-and-rate" and entry["failures"] >= 1
+
+
+@contextmanager
+def gunicorn_server(env: dict, tmp_path):
+    port = free_port()
+    output = open(tmp_path / "gunicorn.log", "w+")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"], cwd=ROOT,
+        env={"PATH": os.environ["PATH"], "WEB_CONCURRENCY": "1", **env, "LISTEN_ADDR": f"127.0.0.1:{port}"},
+        stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return requests.get(url + "/api/ping", timeout=1).status_code == 200
+        except requests.RequestException:
+            assert process.poll() is None, open(tmp_path / "gunicorn.log").read()
+            return False
+
+    try:
+        wait_for(up, timeout=30, what="gunicorn to answer")
+        yield url, lambda: open(tmp_path / "gunicorn.log").read()
+    finally:
+        process.terminate()
+        process.wait(30)
+        output.close()
+
+
+def test_gunicorn_with_the_database_down_serves_probes_and_leaks_nothing(exporters, tmp_path):
+    server = exporters([])
+    token_file = tmp_path / "token"
+    token_file.write_text(SECRET_FILE_TOKEN)
+    database_url = f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/account"
+    env = {"DATABASE_URL": database_url, "INTERNAL_SERVICE_TOKEN": TOKEN, "COLLECT_INTERVAL": "1s",
+           "EXPORTER_SOURCES_JSON": json.dumps([source("a", server, token_file=str(token_file))])}
+    with gunicorn_server(env, tmp_path) as (url, output):
+        health = requests.get(url + "/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["message"].startswith("database error: ")
+        assert requests.get(url + "/v1/status", timeout=10).status_code == 503
+        for _ in range(3):
+            response = requests.post(url + "/v1/jobs/collect-and-rate", timeout=10,
+                                     headers={"Authorization": f"Bearer {WRONG_TOKEN}"})
+            assert response.status_code == 401 and response.json() == {"error": "missing or wrong service token"}
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        response = requests.post(url + "/v1/jobs/reconcile", data=b" " * (70 * 1024), headers=auth, timeout=10)
+        assert response.status_code == 413 and response.json()["error"].startswith("request body is larger")
+        chunked = requests.post(url + "/v1/jobs/reconcile", headers=auth, timeout=10,
+                                data=(b" " * 8192 for _ in range(10)))  # no Content-Length: chunked
+        assert chunked.status_code == 413 and chunked.headers["Content-Type"] == "application/json"
+        response = requests.post(url + "/v1/jobs/collect-and-rate", headers=auth, timeout=30)
+        assert response.status_code == 503 and "database error" in response.json()["error"]
+        assert DB_PASSWORD not in response.text
+        wait_for(lambda: output().count('"event": "source_failed"') >= 2, timeout=15,
+                 what="the collector thread to fail a run on its own")
+    log = output()
+    assert log.count('"event": "auth_failed"') == 3 and '"failures": 3' in log
+    assert_no_secret({"gunicorn output": log, "health": health.text},
+                     [DB_PASSWORD, database_url, TOKEN, WRONG_TOKEN, SECRET_FILE_TOKEN])
+    assert "Traceback" not in log
