@@ -940,13 +940,15 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                 f"{t(b.bucket_start)}\t{t(b.node_id)}\t{b.account}\t{t(b.line_code)}\t{b.uplink}\t{b.downlink}\t"
                 f"{b.multiplier!r}\t{t(b.version)}\n" for b in buckets])
             # Bytes accumulate: a second sample of a minute adds, never overwrites.
+            # No ORDER BY: buckets are per series, and load_series already
+            # serialized every writer of these series (checkpoints FOR UPDATE).
             cur.execute(
                 """INSERT INTO traffic_minute_buckets AS t
                      (bucket_start, node_id, account_uuid, region, line_code, uplink_bytes, downlink_bytes,
                       total_bytes, multiplier, rating_status, source_revision)
                    SELECT bucket_start, node_id, account_uuid, %s, line_code, uplink, downlink,
                           uplink + downlink, multiplier, 'rated', source_revision
-                   FROM page_buckets ORDER BY bucket_start, node_id, account_uuid, line_code
+                   FROM page_buckets
                    ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE
                    SET uplink_bytes = t.uplink_bytes + EXCLUDED.uplink_bytes,
                        downlink_bytes = t.downlink_bytes + EXCLUDED.downlink_bytes,
