@@ -600,10 +600,9 @@ class ExporterClient:
             raise ExporterError(f"exporter did not answer within {timeout:g}s") from None
         except requests.exceptions.ConnectionError:
             raise ExporterError("could not connect to the exporter") from None
-        except requests.exceptions.RequestException as exc:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             # requests' messages can echo URLs; keep only the kind of failure.
-            raise ExporterError(f"request failed ({type(exc).__name__})") from None
-        except urllib3.exceptions.HTTPError as exc:  # from reading the body (read1)
+            # (urllib3's come from reading the body with read1.)
             raise ExporterError(f"request failed ({type(exc).__name__})") from None
         except OSError:  # requests checks the TLS file paths itself; a rotation can remove one
             raise ExporterError("a TLS file (ca_bundle / client_cert / client_key) is missing or unreadable") from None
@@ -1297,8 +1296,7 @@ def reads_after(reads: PageReads, metered: MeteredPage, rated: RatedPage) -> Pag
         if (*key, minute) in written or (key in reads.open_buckets and before is not None
                                          and minute_floor(before.last_seen_at) == minute):
             open_buckets.add(key)
-    return PageReads(set(reads.known), checkpoints, open_buckets, dict(reads.pricing),
-                     {**reads.quota, **rated.quota})
+    return PageReads(reads.known, checkpoints, open_buckets, reads.pricing, {**reads.quota, **rated.quota})
 
 
 def guess_page(snapshots, prior: PageReads, region: str) -> Guess | None:
@@ -1657,7 +1655,7 @@ class Collector:
                         for s in config.sources}
         self.defaults = Pricing(config.initial_included_quota, config.price_per_byte, 1.0, config.source_revision)
         self._page_limits: dict = {}  # learned per source: snapshots per page that fit PAGE_SAMPLE_TARGET
-        self.guesses_used = 0  # pages whose ahead-of-time rating matched the real reads (tests look)
+        self.guesses_used = 0  # pages whose rating ahead matched their real reads (the crash test checks)
         self._stop = threading.Event()
         self._thread = None
 

@@ -30,7 +30,6 @@ import types
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
@@ -288,11 +287,20 @@ def service_env(db: Db, sources, **env) -> dict:
 
 
 class Service:
-    """The Flask app in-process, driven through its HTTP surface."""
+    """The Flask app in-process, driven through its HTTP surface. Its
+    connection pool is closed when the test ends (``close`` ends it sooner,
+    for a hypothesis example): hundreds of examples must not pile up idle
+    connections."""
+
+    live: list = []
 
     def __init__(self, env: dict):
         self.app = billing.create_app(env)
         self.client = self.app.test_client()
+        Service.live.append(self)
+
+    def close(self) -> None:
+        self.app.extensions["billing_collector"].db.close_all()
 
     def post(self, job="collect-and-rate", body=None, token=TOKEN, headers=None):
         all_headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -304,6 +312,13 @@ class Service:
     def get(self, path):
         response = self.client.get(path)
         return response.status_code, response.get_json()
+
+
+@pytest.fixture(autouse=True)
+def _close_services():
+    yield
+    while Service.live:
+        Service.live.pop().close()
 
 
 @pytest.fixture
@@ -877,20 +892,24 @@ class Gunicorn:
     """billing-service under real gunicorn, in its own session so a test can
     SIGKILL the master and every worker at once. Output goes to a file."""
 
-    def __init__(self, env: dict, workers: int = 2):
+    def __init__(self, env: dict, workers: int = 2, split_streams: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"PATH": os.environ["PATH"], **env, "LISTEN_ADDR": f"127.0.0.1:{self.port}",
                     "WEB_CONCURRENCY": str(workers)}
         handle, self.log_path = tempfile.mkstemp(prefix="billing-gunicorn-", suffix=".log")
         os.close(handle)
+        # split_streams: stdout (gunicorn's access log) in log_path, stderr
+        # (gunicorn's error log and our JSON lines) in stderr_path.
+        self.stderr_path = self.log_path + ".stderr" if split_streams else None
         self.proc = None
 
     def start(self) -> "Gunicorn":
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as out, open(self.stderr_path or os.devnull, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
-                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=ROOT, env=self.env, stdout=out, stderr=err if self.stderr_path else subprocess.STDOUT,
+                start_new_session=True)
         wait_for(self._answers, what="gunicorn answering /api/ping")
         return self
 
@@ -923,24 +942,38 @@ class Gunicorn:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def output(self) -> str:
+    def stdout(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log:
             return log.read()
+
+    def stderr(self) -> str:
+        if self.stderr_path is None:
+            return ""
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def output(self) -> str:
+        return self.stdout() + self.stderr()
+
+    def remove_logs(self) -> None:
+        for path in (self.log_path, self.stderr_path):
+            if path and os.path.exists(path):
+                os.unlink(path)
 
 
 @pytest.fixture
 def gunicorns():
     started = []
 
-    def start(env: dict, workers: int = 2) -> Gunicorn:
-        server = Gunicorn(env, workers).start()
+    def start(env: dict, workers: int = 2, split_streams: bool = False) -> Gunicorn:
+        server = Gunicorn(env, workers, split_streams).start()
         started.append(server)
         return server
 
     yield start
     for server in started:
         server.stop()
-        os.unlink(server.log_path)
+        server.remove_logs()
 
 
 def backlog(node: str, accounts: list, count: int, seed: int, start_minute: int = -40, step: float = 20.0):
@@ -1128,6 +1161,8 @@ def test_connection_terminated_mid_page_loses_and_doubles_nothing(cluster, db, e
     status, result = svc.post()
     assert status == 200 and result["status"] == "ok", result
     assert db.facts() == expected
+    # ...and most pages took the rated-ahead path, checked against the real reads.
+    assert svc.app.extensions["billing_collector"].guesses_used > 10
 
 
 def test_workers_and_simultaneous_jobs_over_shared_accounts_bill_like_one_sequential_run(
@@ -1360,31 +1395,6 @@ def booted(server, workers: int) -> None:
     """Wait until every worker has booted (/api/ping answers once the first has)."""
     wait_for(lambda: server.output().count("Booting worker with pid") >= workers, timeout=30,
              what=f"{workers} gunicorn workers")
-
-
-class SplitGunicorn(Gunicorn):
-    """Gunicorn (above) with its two streams apart: stdout (gunicorn's
-    access log) in ``log_path``, stderr (gunicorn's error log and our JSON
-    lines) in ``stderr_path``."""
-
-    def start(self) -> "SplitGunicorn":
-        self.stderr_path = self.log_path + ".stderr"
-        with open(self.log_path, "ab") as out, open(self.stderr_path, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
-                cwd=ROOT, env=self.env, stdout=out, stderr=err, start_new_session=True)
-        wait_for(self._answers, what="gunicorn answering /api/ping")
-        return self
-
-    def stdout(self) -> str:
-        return super().output()
-
-    def stderr(self) -> str:
-        with open(self.stderr_path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-
-    def output(self) -> str:
-        return self.stdout() + self.stderr()
 
 
 def stop_cleanly(server) -> None:
@@ -1827,7 +1837,7 @@ def test_logs_one_json_line_per_run_and_failure_and_no_secret(db, exporters):
     db.set_watermark("bad", at(-1))
     env = service_env(db, [source("good", good), source("bad", bad, token_env="BAD_EXPORTER_TOKEN")],
                       BAD_EXPORTER_TOKEN=SOURCE_TOKEN)
-    g = SplitGunicorn(env, workers=1)
+    g = Gunicorn(env, workers=1, split_streams=True)
     try:
         g.start()
         status, result = g.post()
@@ -1840,9 +1850,7 @@ def test_logs_one_json_line_per_run_and_failure_and_no_secret(db, exporters):
         stdout, stderr = g.stdout(), g.stderr()
     finally:
         g.stop()
-        for path in (g.log_path, g.stderr_path):
-            if os.path.exists(path):
-                os.unlink(path)
+        g.remove_logs()
     events = our_log_lines(stderr)  # every line of ours is JSON
     runs = [e for e in events if e["event"] == "run"]
     assert len(runs) == 1, runs
@@ -2467,29 +2475,6 @@ def app_log():
     logger.removeHandler(handler)
 
 
-_services = []
-
-
-def open_service(env: dict) -> Service:
-    """A Service whose connection pool is closed when the test (or, with
-    ``close_service``, the hypothesis example) ends: hundreds of examples must
-    not pile up idle connections."""
-    svc = Service(env)
-    _services.append(svc)
-    return svc
-
-
-def close_service(svc) -> None:
-    svc.app.extensions["billing_collector"].db.close_all()
-
-
-@pytest.fixture(autouse=True)
-def _close_services():
-    yield
-    while _services:
-        close_service(_services.pop())
-
-
 def events(lines, name):
     out = []
     for line in lines:
@@ -2580,7 +2565,7 @@ def test_https_exporter_needs_its_ca_bundle_and_verification_cannot_be_switched_
     monkeypatch.setenv("CURL_CA_BUNDLE", "")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "")
     monkeypatch.setenv("PYTHONHTTPSVERIFY", "0")
-    status, result = open_service(service_env(db, [source("a", server)])).post()
+    status, result = Service(service_env(db, [source("a", server)])).post()
     assert (status, result["status"]) == (503, "error"), result
     state = source_state(result, "a")
     assert state["state"] == "failed" and "certificate verification failed" in state["last_error"]
@@ -2588,7 +2573,7 @@ def test_https_exporter_needs_its_ca_bundle_and_verification_cannot_be_switched_
     assert db.watermark("a") == at(-1) and db.buckets() == [] and db.ledger() == []
     assert server.requests == []  # the token never reached an unverified peer
 
-    status, result = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path)])).post()
+    status, result = Service(service_env(db, [source("a", server, ca_bundle=pki.ca_path)])).post()
     assert (status, result["status"], result["processed_samples"]) == (200, "ok", 1), result
     assert db.watermark("a") == at(1, 5) and len(db.buckets()) == 1
     assert [auth for _, auth in server.requests] == [f"Bearer {TOKEN}"]
@@ -2598,8 +2583,8 @@ def test_https_exporter_requiring_a_client_certificate(db, tls_exporters, pki):
     db.add_users(A)
     server = tls_exporters([snap(at(1, 5), (A, "", 100, 50))], require_client_cert=True)
     db.set_watermark("a", at(-1))
-    without = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path)]))
-    stranger = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
+    without = Service(service_env(db, [source("a", server, ca_bundle=pki.ca_path)]))
+    stranger = Service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
                                                      client_cert=pki.stranger_cert, client_key=pki.stranger_key)]))
     for svc in (without, stranger):
         status, result = svc.post()
@@ -2609,14 +2594,14 @@ def test_https_exporter_requiring_a_client_certificate(db, tls_exporters, pki):
         assert db.watermark("a") == at(-1) and db.buckets() == []
     assert server.requests == []  # the exporter never served a request without a trusted certificate
 
-    with_cert = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
+    with_cert = Service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
                                                       client_cert=pki.client_cert, client_key=pki.client_key)]))
     status, result = with_cert.post()
     assert (status, result["status"], result["processed_samples"]) == (200, "ok", 1), result
     assert db.watermark("a") == at(1, 5)
     # A single PEM holding key and certificate works too (client_cert without client_key).
     server.add(snap(at(2, 5), (A, "", 200, 50)))
-    combined = open_service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
+    combined = Service(service_env(db, [source("a", server, ca_bundle=pki.ca_path,
                                                      client_cert=pki.client_combined)]))
     status, result = combined.post()
     assert (status, result["status"], result["written_minutes"]) == (200, "ok", 1), result
@@ -2633,7 +2618,7 @@ def test_per_source_tokens_and_token_file_rotation_without_restart(db, exporters
     token_file.write_text(SECRET_FILE_TOKEN + "\n")  # trailing newline as editors and echo leave it
     db.set_watermark("one", at(-1))
     db.set_watermark("two", at(-1))
-    svc = open_service(service_env(db, [source("one", one, token_file=str(token_file)),
+    svc = Service(service_env(db, [source("one", one, token_file=str(token_file)),
                                         source("two", two, token_env="EXPORTER_TWO_TOKEN")],
                                    EXPORTER_TWO_TOKEN=SECRET_ENV_TOKEN))
     status, result = svc.post()
@@ -2688,7 +2673,7 @@ def test_tls_files_that_vanish_or_break_after_startup_fail_the_source_cleanly(
         files[name] = tmp_path / f"{name}.pem"
         shutil.copy(original, files[name])
     db.set_watermark("a", at(-1))
-    svc = open_service(service_env(db, [source("a", server, **{k: str(v) for k, v in files.items()})]))
+    svc = Service(service_env(db, [source("a", server, **{k: str(v) for k, v in files.items()})]))
     if change == "removed":
         files[field].unlink()
     else:
@@ -2807,7 +2792,7 @@ def head(handler, status=200, **headers):
 
 def run_against(db, server, **fields):
     db.set_watermark("a", at(-1))
-    svc = open_service(service_env(db, [source("a", server, **fields)]))
+    svc = Service(service_env(db, [source("a", server, **fields)]))
     clock = time.monotonic()
     status, result = svc.post()
     return status, result, time.monotonic() - clock
@@ -3062,11 +3047,11 @@ def test_fuzz_page_level_faults_move_no_watermark_and_write_nothing_of_the_page(
     server = fuzz_exporter
     server.fault = serve_script(prefix, script)
     server.requests.clear()
-    svc = open_service(service_env(db, [source("a", server)], MAX_PAGES_PER_RUN=FUZZ_MAX_PAGES))
+    svc = Service(service_env(db, [source("a", server)], MAX_PAGES_PER_RUN=FUZZ_MAX_PAGES))
     try:
         check_page_fault(db, svc, server, kind, prefix)
     finally:
-        close_service(svc)
+        svc.close()
 
 
 def check_page_fault(db, svc, server, kind, prefix):
@@ -3143,11 +3128,11 @@ def test_fuzz_a_bad_sample_is_skipped_counted_and_the_rest_billed(db, fuzz_expor
     last = json.dumps(page_doc(snapshots)).encode()
     server = fuzz_exporter
     server.fault = serve_script(prefix, lambda index, cursor: (200, last))
-    svc = open_service(service_env(db, [source("a", server)]))
+    svc = Service(service_env(db, [source("a", server)]))
     try:
         check_bad_sample(db, svc, kind, bad_sample, prefix, good, snapshots)
     finally:
-        close_service(svc)
+        svc.close()
 
 
 def check_bad_sample(db, svc, kind, bad_sample, prefix, good, snapshots):
@@ -3182,7 +3167,7 @@ def test_unencodable_exporter_text_is_rejected_not_a_crash(db, exporters, where,
     server.fault = lambda query: (200, json.dumps(doc).encode()) if "cursor" not in query else (
         200, json.dumps(page_doc([])).encode())
     db.set_watermark("a", at(-1))
-    svc = open_service(service_env(db, [{"source_id": "a", "base_url": server.url}]))
+    svc = Service(service_env(db, [{"source_id": "a", "base_url": server.url}]))
     status, result = svc.post()
     assert_still_serving(svc)
     if where == "inbound_tag":  # one bad sample: skipped and counted, the rest billed
@@ -3202,7 +3187,7 @@ def test_counters_at_the_limit_never_crash_the_service(db, exporters):
     top = 2**63 - 1
     server = exporters([snap(at(1, 5), (A, "", top, top), (B, "", top - 10, 10))])
     db.set_watermark("a", at(-1))
-    svc = open_service(service_env(db, [source("a", server)]))
+    svc = Service(service_env(db, [source("a", server)]))
     status, result = svc.post()
     assert status == 200 and result["status"] == "partial" and result["invalid_samples"] == 1, result
     assert_still_serving(svc)
@@ -3239,7 +3224,7 @@ def test_no_secret_leaves_the_process(db, exporters, tls_exporters, pki, tmp_pat
                {"source_id": "closed", "base_url": f"http://127.0.0.1:{closed}/exporter"}]
     for s in sources:
         db.set_watermark(s["source_id"], at(-1))
-    svc = open_service(service_env(db, sources, EXPORTER_TOKEN=SECRET_ENV_TOKEN))
+    svc = Service(service_env(db, sources, EXPORTER_TOKEN=SECRET_ENV_TOKEN))
     status, result = svc.post()
     assert (status, result["status"]) == (200, "partial"), result
     errors = {s["source_id"]: s["last_error"] for s in result["source_statuses"]}
@@ -3274,7 +3259,7 @@ def test_database_down_or_refusing_the_service_starts_and_reveals_no_password(
         port = free_port()  # nothing listens there
     url = dsn.format(pw=password, port=port)
     server = exporters([])
-    svc = open_service(service_env(types.SimpleNamespace(url=url), [source("a", server)]))
+    svc = Service(service_env(types.SimpleNamespace(url=url), [source("a", server)]))
     status, health = svc.get("/healthz")
     assert status == 503 and health["status"] == "error" and health["message"].startswith("database error: ")
     assert svc.get("/v1/status")[0] == 503
@@ -3330,7 +3315,7 @@ def test_job_body_over_64_kib_is_413_json(db, exporters, service):
 def test_any_wrong_token_is_a_logged_401_that_never_logs_the_token(app_log, given_token, header, scheme):
     if given_token.strip() == TOKEN:
         return
-    svc = open_service(base_env(COLLECT_INTERVAL="0"))  # the token check comes before any database or exporter
+    svc = Service(base_env(COLLECT_INTERVAL="0"))  # the token check comes before any database or exporter
     value = (scheme if header == "Authorization" else "") + given_token
     before = len(app_log)
     response = svc.client.post("/v1/jobs/collect-and-rate", headers={header: value})
@@ -3342,59 +3327,35 @@ def test_any_wrong_token_is_a_logged_401_that_never_logs_the_token(app_log, give
     assert entry["path"] == "/v1/jobs/collect-and-rate" and entry["failures"] >= 1
 
 
-@contextmanager
-def gunicorn_server(env: dict, tmp_path):
-    port = free_port()
-    output = open(tmp_path / "gunicorn.log", "w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"], cwd=ROOT,
-        env={"PATH": os.environ["PATH"], "WEB_CONCURRENCY": "1", **env, "LISTEN_ADDR": f"127.0.0.1:{port}"},
-        stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return requests.get(url + "/api/ping", timeout=1).status_code == 200
-        except requests.RequestException:
-            assert process.poll() is None, open(tmp_path / "gunicorn.log").read()
-            return False
-
-    try:
-        wait_for(up, timeout=30, what="gunicorn to answer")
-        yield url, lambda: open(tmp_path / "gunicorn.log").read()
-    finally:
-        process.terminate()
-        process.wait(30)
-        output.close()
-
-
-def test_gunicorn_with_the_database_down_serves_probes_and_leaks_nothing(exporters, tmp_path):
+def test_gunicorn_with_the_database_down_serves_probes_and_leaks_nothing(exporters, gunicorns, tmp_path):
     server = exporters([])
     token_file = tmp_path / "token"
     token_file.write_text(SECRET_FILE_TOKEN)
     database_url = f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/account"
     env = {"DATABASE_URL": database_url, "INTERNAL_SERVICE_TOKEN": TOKEN, "COLLECT_INTERVAL": "1s",
            "EXPORTER_SOURCES_JSON": json.dumps([source("a", server, token_file=str(token_file))])}
-    with gunicorn_server(env, tmp_path) as (url, output):
-        health = requests.get(url + "/healthz", timeout=10)
-        assert health.status_code == 503 and health.json()["message"].startswith("database error: ")
-        assert requests.get(url + "/v1/status", timeout=10).status_code == 503
-        for _ in range(3):
-            response = requests.post(url + "/v1/jobs/collect-and-rate", timeout=10,
-                                     headers={"Authorization": f"Bearer {WRONG_TOKEN}"})
-            assert response.status_code == 401 and response.json() == {"error": "missing or wrong service token"}
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        response = requests.post(url + "/v1/jobs/reconcile", data=b" " * (70 * 1024), headers=auth, timeout=10)
-        assert response.status_code == 413 and response.json()["error"].startswith("request body is larger")
-        chunked = requests.post(url + "/v1/jobs/reconcile", headers=auth, timeout=10,
-                                data=(b" " * 8192 for _ in range(10)))  # no Content-Length: chunked
-        assert chunked.status_code == 413 and chunked.headers["Content-Type"] == "application/json"
-        response = requests.post(url + "/v1/jobs/collect-and-rate", headers=auth, timeout=30)
-        assert response.status_code == 503 and "database error" in response.json()["error"]
-        assert DB_PASSWORD not in response.text
-        wait_for(lambda: output().count('"event": "source_failed"') >= 2, timeout=15,
-                 what="the collector thread to fail a run on its own")
-    log = output()
+    svc = gunicorns(env, workers=1)
+    url = svc.url
+    health = requests.get(url + "/healthz", timeout=10)
+    assert health.status_code == 503 and health.json()["message"].startswith("database error: ")
+    assert requests.get(url + "/v1/status", timeout=10).status_code == 503
+    for _ in range(3):
+        response = requests.post(url + "/v1/jobs/collect-and-rate", timeout=10,
+                                 headers={"Authorization": f"Bearer {WRONG_TOKEN}"})
+        assert response.status_code == 401 and response.json() == {"error": "missing or wrong service token"}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    response = requests.post(url + "/v1/jobs/reconcile", data=b" " * (70 * 1024), headers=auth, timeout=10)
+    assert response.status_code == 413 and response.json()["error"].startswith("request body is larger")
+    chunked = requests.post(url + "/v1/jobs/reconcile", headers=auth, timeout=10,
+                            data=(b" " * 8192 for _ in range(10)))  # no Content-Length: chunked
+    assert chunked.status_code == 413 and chunked.headers["Content-Type"] == "application/json"
+    response = requests.post(url + "/v1/jobs/collect-and-rate", headers=auth, timeout=30)
+    assert response.status_code == 503 and "database error" in response.json()["error"]
+    assert DB_PASSWORD not in response.text
+    wait_for(lambda: svc.output().count('"event": "source_failed"') >= 2, timeout=15,
+             what="the collector thread to fail a run on its own")
+    svc.stop()
+    log = svc.output()
     assert log.count('"event": "auth_failed"') == 3 and '"failures": 3' in log
     assert_no_secret({"gunicorn output": log, "health": health.text},
                      [DB_PASSWORD, database_url, TOKEN, WRONG_TOKEN, SECRET_FILE_TOKEN])

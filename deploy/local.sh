@@ -91,7 +91,7 @@ pg_start() {
   password=$(cat "$dir/password")
   # Throwaway clusters skip fsync (tests); --durable keeps production's
   # durability so the benchmark measures real commits.
-  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c shared_buffers=256MB ${BILLING_PG_OPTS:-}"
+  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c shared_buffers=256MB"
   if [ "$durable" != "--durable" ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
   fi
