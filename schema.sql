@@ -6,6 +6,16 @@
 -- never creates or alters public.users, which belongs to accounts (local runs
 -- and tests create a minimal stub of it before applying this file).
 
+-- Stop at once, with a clear message, where accounts' users table is missing
+-- (every table below references it). Apply with psql -v ON_ERROR_STOP=1.
+DO $$
+BEGIN
+  IF to_regclass('public.users') IS NULL THEN
+    RAISE EXCEPTION 'public.users does not exist: apply schema.sql to the shared account database, where accounts.svc.plus owns users (local runs and tests create deploy/users_stub.sql first)';
+  END IF;
+END
+$$;
+
 -- Shared tables (written by billing-service, read by accounts) --------------
 
 CREATE TABLE IF NOT EXISTS public.traffic_stat_checkpoints (
@@ -62,6 +72,10 @@ CREATE TABLE IF NOT EXISTS public.account_quota_states (
   effective_at TIMESTAMPTZ NOT NULL DEFAULT now(),
   updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- When the balance went below zero (the bucket of the charge that crossed
+-- zero); NULL when not in arrears, or in arrears since before this column.
+ALTER TABLE public.account_quota_states ADD COLUMN IF NOT EXISTS arrears_since TIMESTAMPTZ NULL;
 
 -- Read only for billing-service: accounts owns the pricing of each account.
 CREATE TABLE IF NOT EXISTS public.account_billing_profiles (
@@ -123,17 +137,17 @@ CREATE TABLE IF NOT EXISTS public.billing_job_totals (
   PRIMARY KEY (job, status)
 );
 
--- Where a source's current (or last) run is, written in the same transaction
--- as each page, so a long catch-up can be watched from any worker.
-CREATE TABLE IF NOT EXISTS public.billing_source_progress (
-  source_id TEXT PRIMARY KEY,
-  run_started_at TIMESTAMPTZ NOT NULL,
-  running BOOLEAN NOT NULL DEFAULT false,
-  window_since TIMESTAMPTZ NULL,
-  window_until TIMESTAMPTZ NULL,
-  pages BIGINT NOT NULL DEFAULT 0,
-  snapshots BIGINT NOT NULL DEFAULT 0,
-  samples BIGINT NOT NULL DEFAULT 0,
-  position TIMESTAMPTZ NULL,
-  updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+ALTER TABLE public.billing_job_totals
+  ADD COLUMN IF NOT EXISTS counter_resets BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS already_billed BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS suspended BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS lifted BIGINT NOT NULL DEFAULT 0;
+
+-- Pushed bodies by push source and outcome (applied, failed, rejected), for
+-- /metrics; source_id '' counts bodies whose token matched no push source.
+CREATE TABLE IF NOT EXISTS public.billing_push_totals (
+  source_id TEXT NOT NULL,
+  outcome TEXT NOT NULL,
+  pushes BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (source_id, outcome)
 );
