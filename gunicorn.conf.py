@@ -12,13 +12,13 @@ import app as billing
 
 try:
     _config = billing.load_config(os.environ)
+    workers = billing._number(os.environ, "WEB_CONCURRENCY", 2, int, minimum=1)
 except billing.ConfigError as exc:
     # Fail before any worker forks, with the variable named and no traceback.
     print(f"billing-service: configuration error: {exc}", file=sys.stderr)
     sys.exit(2)
 
 bind = _config.listen_addr
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # gthread: the worker's main thread keeps heart-beating while a request
 # thread runs a long collection, so gunicorn's timeout never kills a catch-up.
 worker_class = "gthread"

@@ -1,4 +1,4 @@
-"""A small xray-exporter stand-in that speaks the window API (SPEC section 3).
+"""A small xray-exporter stand-in that speaks the window API (README: The exporter protocol).
 
 Used three ways: ``./deploy/local.sh run`` serves synthetic, steadily growing
 counters for the demo accounts; the tests serve their own snapshots (and

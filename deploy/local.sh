@@ -90,10 +90,13 @@ pg_start() {
   fi
   password=$(cat "$dir/password")
   # Throwaway clusters skip fsync (tests); --durable keeps production's
-  # durability so the benchmark measures real commits.
+  # durability so the benchmark measures real commits, and counts statements
+  # (pg_stat_statements) so the service itself need not.
   local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c shared_buffers=256MB"
   if [ "$durable" != "--durable" ]; then
     opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  else
+    opts="$opts -c shared_preload_libraries=pg_stat_statements"
   fi
   as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o "$opts" start >/dev/null \
     || { cat "$dir/server.log" >&2; exit 1; }
@@ -155,18 +158,19 @@ EOF
   pids+=($!)
   export DATABASE_URL=$db_url INTERNAL_SERVICE_TOKEN=$token
   export EXPORTER_SOURCES_JSON="[{\"source_id\":\"demo\",\"base_url\":\"http://127.0.0.1:$exporter_port\",\"expected_node_id\":\"demo-node\",\"expected_env\":\"demo\"}]"
-  export LISTEN_ADDR=${LISTEN_ADDR:-:8081} PRICE_PER_BYTE=${PRICE_PER_BYTE:-0.000001}
+  # Loopback unless told otherwise: a demo has no business on every interface.
+  export LISTEN_ADDR=${LISTEN_ADDR:-127.0.0.1:8081} PRICE_PER_BYTE=${PRICE_PER_BYTE:-0.000001}
   export INITIAL_INCLUDED_QUOTA_BYTES=${INITIAL_INCLUDED_QUOTA_BYTES:-100000} INITIAL_BALANCE=${INITIAL_BALANCE:-10}
   export COLLECT_INTERVAL=${COLLECT_INTERVAL:-1m}
   http_port=${LISTEN_ADDR##*:}
   cat >&2 <<EOF
 
 billing-service is starting on ${LISTEN_ADDR}. Try, in another terminal:
-  curl -s localhost:$http_port/healthz
-  curl -s -X POST -H "Authorization: Bearer $token" localhost:$http_port/v1/jobs/collect-and-rate
-  curl -s localhost:$http_port/v1/status
-  curl -s localhost:$http_port/metrics
-  psql '$db_url' -c 'SELECT * FROM traffic_minute_buckets ORDER BY bucket_start DESC LIMIT 5'
+  curl -s 127.0.0.1:$http_port/healthz
+  curl -s -X POST -H "Authorization: Bearer $token" 127.0.0.1:$http_port/v1/jobs/collect-and-rate
+  curl -s 127.0.0.1:$http_port/v1/status
+  curl -s 127.0.0.1:$http_port/metrics
+  psql -h $state/pg -p $pg_port -U postgres account -c 'SELECT * FROM traffic_minute_buckets ORDER BY bucket_start DESC LIMIT 5'
 Ctrl-C stops gunicorn, the demo exporter and PostgreSQL.
 
 EOF
