@@ -693,7 +693,7 @@ class ExporterClient:
             raise ExporterError(f"request failed ({type(exc).__name__})") from None
         except OSError:  # requests checks the TLS file paths itself; a rotation can remove one
             raise ExporterError("a TLS file (ca_bundle / client_cert / client_key) is missing or unreadable") from None
-        return parse_page(bytes(body), self.source, since, until)
+        return parse_page(body, self.source, since, until)  # json.loads takes the bytearray: no copy
 
 
 # ---- repository: every SQL statement, parameterized; I/O and nothing clever --

@@ -5007,7 +5007,7 @@ def floor_run(url: str, exporter_url: str, since: datetime, until: datetime, per
             rated = billing.rate_increments(metered.increments, {a: defaults for a in accounts}, quota, None)
             clock = time.perf_counter()
             billing.write_page(conn, "", rated.buckets, rated.ledger, metered.checkpoints, rated.quota, metered.adopted)
-            billing.move_watermark(conn, "floor", page.snapshots[-1].collected_at)
+            billing.write_sync_state(conn, "floor", completed=page.snapshots[-1].collected_at, commit=False)
             conn.commit()
             seconds += time.perf_counter() - clock
             samples += page.sample_count
