@@ -881,10 +881,10 @@ def _copy(cur, table: str, lines) -> None:
 def read_series(conn, series: list, region: str, baseline_nodes: set, first_minute: datetime) -> SeriesReads:
     """What the core needs about the page's (series key, storage node, line_code, account): the
     original's plain-key checkpoints and a baseline node's emptiness only when series are new."""
+    t = functools.lru_cache(maxsize=None)(_text)
     with conn.cursor() as cur:
         cur.execute(_TEMP_TABLES)
-        _copy(cur, "page_series", [f"{_text(key)}\t{_text(node)}\t{_text(line)}\t{account}\n"
-                                   for key, node, line, account in series])
+        _copy(cur, "page_series", [f"{t(key)}\t{t(node)}\t{t(line)}\t{account}\n" for key, node, line, account in series])
     known = _sql(conn, "SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s ON s.account_uuid = u.uuid",
                  commit=False)
     reads = SeriesReads({row[0] for row in known}, {}, set())
@@ -964,8 +964,17 @@ def billed_ids(conn, ids: list) -> set:
 
 def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict, adopted) -> None:
     """Write one page's facts (inside the page transaction; the caller commits)."""
-    t = _text
-    with conn.cursor() as cur:
+    t = functools.lru_cache(maxsize=None)(_text)  # a page repeats a few nodes, tags and versions
+
+    def later_rows():  # formatted in a helper thread while PostgreSQL upserts the buckets
+        return ([f"{i}\t{e.id}\t{e.account}\t{format_time(e.bucket_start)}\t{e.rated_bytes}\t{e.amount!r}\t"
+                 f"{e.balance_after!r}\t{t(e.version)}\n" for i, e in enumerate(ledger)],
+                [f"{t(node)}\t{account}\t{c.uplink}\t{c.downlink}\t{format_time(c.last_seen_at)}\t{c.reset_epoch}\n"
+                 for (node, account), c in checkpoints.items()],
+                [f"{account}\t{q.remaining}\t{q.balance!r}\t{t(format_time(q.last_rated_bucket_at))}\t"
+                 f"{t(format_time(q.arrears_since))}\n" for account, q in quota.items()])
+    with conn.cursor() as cur, ThreadPoolExecutor(max_workers=1) as helper:
+        formatted = helper.submit(later_rows)
         if buckets:
             _copy(cur, "page_buckets", [
                 f"{format_time(b.bucket_start)}\t{t(b.node_id)}\t{b.account}\t{t(b.line_code)}\t{b.uplink}\t"
@@ -982,10 +991,9 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                     total_bytes = t.total_bytes + EXCLUDED.total_bytes, multiplier = EXCLUDED.multiplier,
                     rating_status = 'rated', source_revision = EXCLUDED.source_revision, updated_at = now()""",
                         (region,))
+        ledger_rows, checkpoint_rows, quota_rows = formatted.result()
         if ledger:
-            _copy(cur, "page_ledger", [
-                f"{i}\t{e.id}\t{e.account}\t{format_time(e.bucket_start)}\t{e.rated_bytes}\t{e.amount!r}\t"
-                f"{e.balance_after!r}\t{t(e.version)}\n" for i, e in enumerate(ledger)])
+            _copy(cur, "page_ledger", ledger_rows)
             # An id already there means that increment was billed before: the
             # page must not count it again, so it is redone without it.
             cur.execute("""
@@ -997,9 +1005,7 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
             if cur.rowcount < len(ledger):
                 raise LedgerConflict("ledger ids already present kept colliding; the page was not applied")
         if checkpoints:
-            _copy(cur, "page_checkpoints", [
-                f"{t(node)}\t{account}\t{c.uplink}\t{c.downlink}\t{format_time(c.last_seen_at)}\t{c.reset_epoch}\n"
-                for (node, account), c in checkpoints.items()])
+            _copy(cur, "page_checkpoints", checkpoint_rows)
             cur.execute("""
                 INSERT INTO traffic_stat_checkpoints AS t (node_id, account_uuid, last_uplink_total,
                                                            last_downlink_total, last_seen_at, reset_epoch)
@@ -1013,9 +1019,7 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                         "(SELECT * FROM unnest(%s::text[], %s::uuid[]))",
                         ([node for node, _ in adopted], [account for _, account in adopted]))
         if quota:
-            _copy(cur, "page_quota", [
-                f"{account}\t{q.remaining}\t{q.balance!r}\t{t(format_time(q.last_rated_bucket_at))}\t"
-                f"{t(format_time(q.arrears_since))}\n" for account, q in quota.items()])
+            _copy(cur, "page_quota", quota_rows)
             cur.execute("""
                 UPDATE account_quota_states q
                 SET remaining_included_quota = p.remaining, current_balance = p.balance, arrears = p.balance < 0,
@@ -1315,7 +1319,9 @@ def rate_increments(increments, pricing: dict, quota: dict, peak: PeakHours | No
 
         state = out.quota.get(account)
         if state is None:
-            state = out.quota[account] = dataclasses.replace(quota[account])
+            start = quota[account]
+            state = out.quota[account] = QuotaState(start.remaining, start.balance, start.last_rated_bucket_at,
+                                                    start.arrears_since)
         total = inc.uplink + inc.downlink
         used = min(max(state.remaining, 0), total)  # a negative remainder written elsewhere charges nothing extra
         chargeable = total - used
