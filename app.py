@@ -26,7 +26,7 @@ import time
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from urllib.parse import urlsplit
@@ -456,12 +456,16 @@ class Page:
 
 MAX_PAGE_LIMIT = 120  # snapshots per page, the exporter protocol's page size
 PAGE_SAMPLE_TARGET = 50000  # samples per pulled page: bounds memory, amortizes per-page work
-# json.loads costs up to ~190 bytes per JSON value (a nested one-key object; {}
-# and [] take 25 times their text), whatever the body's size. A body holds at
-# most one value per comma or opening bracket, plus one: bounding that count,
-# and parsing one body at a time per process, bounds a parse to ~200 MB.
-MAX_JSON_VALUES = 1_000_000
-_PARSE_SLOT = threading.Lock()
+# A worker's memory: per process at most one parse (PARSE_SLOT) and one page being
+# written (PAGE_SLOT; a push holds it from its parse on). json.loads costs up to
+# ~190 bytes per JSON value (a nested one-key object; {} and [] take 25 times
+# their text), and a body holds at most one value per comma or opening bracket,
+# plus one: a parse stays under ~130 MB. Writing holds ~2.5 KB a sample: ~125 MB
+# at the sample target; a page over it (one huge snapshot) is written holding
+# both slots, so nothing is parsed beside it.
+MAX_JSON_VALUES = 700_000
+MAX_PAGE_SAMPLES = 100_000
+PARSE_SLOT, PAGE_SLOT = threading.Lock(), threading.RLock()
 MAX_COUNTER = 2**63 - 1
 MAX_LABEL = 255
 MAX_PUSH_AHEAD = timedelta(minutes=5)  # a pushed snapshot from further ahead would freeze its series
@@ -546,7 +550,7 @@ def _label(raw, what: str, default: str, node_part: bool = True) -> str:
 
 
 def decode_json(body: bytes, ndjson: bool = False):
-    """json.loads (of each line, for NDJSON) within the memory budget (call it holding _PARSE_SLOT)."""
+    """json.loads (of each line, for NDJSON) within the memory budget (call it holding PARSE_SLOT)."""
     if body.count(b",") + body.count(b"[") + body.count(b"{") >= MAX_JSON_VALUES:
         raise ExporterError(f"body holds more than {MAX_JSON_VALUES} JSON values (the memory budget)")
     try:
@@ -591,41 +595,45 @@ def parse_snapshot(page: Page, raw, sources, node_default: str = "", env_default
     page.snapshots.append(Snapshot(collected_at, storage_node(env, node_id), samples, source))
     page.invalid_samples += len(raw_samples) - len(samples)
     page.sample_count += len(raw_samples)
+    if page.sample_count > MAX_PAGE_SAMPLES:
+        raise ExporterError(f"page holds more than {MAX_PAGE_SAMPLES} samples (the memory budget)")
     return page.snapshots[-1]
 
 
 def parse_page(body: bytes, source: Source, since: datetime, until: datetime) -> Page:
     """Validate one window page. Page-level faults raise; bad samples are counted."""
-    with _PARSE_SLOT:
-        doc = decode_json(body)
-        if not isinstance(doc, dict):
-            raise ExporterError("malformed page: body is not a JSON object")
-        raw_snapshots = _list(doc, "snapshots", "snapshots")
-        has_more = doc.get("has_more", False)
-        if not isinstance(has_more, bool):
-            raise ExporterError("malformed page: has_more is not a boolean")
-        page = Page([], has_more, _label(doc.get("next_cursor"), "next_cursor", "", node_part=False))
-        page_node, page_env = _label(doc.get("node_id"), "node_id", ""), _label(doc.get("env"), "env", "")
-        if raw_snapshots and not _expects(source, page_node, page_env):
-            # Real exporters leave the page-level identity empty only on empty pages.
-            raise _wrong_node("page", page_node, page_env, source)
-        for raw in raw_snapshots:
-            snap = parse_snapshot(page, raw, [source], page_node, page_env)
-            if not since <= snap.collected_at <= until:
-                raise ExporterError(f"malformed page: snapshot at {format_time(snap.collected_at)} "
-                                    "is outside the requested window")
+    with PARSE_SLOT:
+        return _parse_page(decode_json(body), source, since, until)
+
+
+def _parse_page(doc, source: Source, since: datetime, until: datetime) -> Page:
+    if not isinstance(doc, dict):
+        raise ExporterError("malformed page: body is not a JSON object")
+    raw_snapshots = _list(doc, "snapshots", "snapshots")
+    has_more = doc.get("has_more", False)
+    if not isinstance(has_more, bool):
+        raise ExporterError("malformed page: has_more is not a boolean")
+    page = Page([], has_more, _label(doc.get("next_cursor"), "next_cursor", "", node_part=False))
+    page_node, page_env = _label(doc.get("node_id"), "node_id", ""), _label(doc.get("env"), "env", "")
+    if raw_snapshots and not _expects(source, page_node, page_env):
+        # Real exporters leave the page-level identity empty only on empty pages.
+        raise _wrong_node("page", page_node, page_env, source)
+    for raw in raw_snapshots:
+        snap = parse_snapshot(page, raw, [source], page_node, page_env)
+        if not since <= snap.collected_at <= until:
+            raise ExporterError(f"malformed page: snapshot at {format_time(snap.collected_at)} "
+                                "is outside the requested window")
     page.snapshots.sort(key=lambda snap: snap.collected_at)
     return page
 
 
 def parse_push(body: bytes, ndjson: bool, sources, now: datetime) -> Page:
-    """A pushed body: one snapshot object, a JSON array of them, or NDJSON
-    (one per line). Any snapshot-level fault refuses the whole body."""
-    with _PARSE_SLOT:
+    """A pushed body: one snapshot object, a JSON array of them, or NDJSON (one per line).
+    Any snapshot-level fault refuses the whole body."""
+    with PARSE_SLOT:
         doc = decode_json(body, ndjson)
-        docs = doc if isinstance(doc, list) else [doc]
         page = Page([])
-        for raw in docs:
+        for raw in doc if isinstance(doc, list) else [doc]:
             snap = parse_snapshot(page, raw, sources)
             if snap.collected_at > now + MAX_PUSH_AHEAD:
                 raise ExporterError(f"snapshot at {format_time(snap.collected_at)} is in the future")
@@ -650,6 +658,7 @@ class ExporterClient:
             self.session.cert = (source.client_cert, source.client_key) if source.client_key else source.client_cert
 
     def fetch(self, since: datetime, until: datetime, limit: int, cursor: str) -> Page:
+        """One window page, read within timeout_seconds and MAX_BODY_BYTES, and validated."""
         try:
             token = self.token.get()
         except ValueError as exc:
@@ -741,8 +750,7 @@ class LedgerEntry:
 
 
 @dataclass
-class Watermark:
-    """A source's row of billing_source_sync_state."""
+class Watermark:  # a source's row of billing_source_sync_state
     source_id: str
     last_completed_until: datetime | None = None
     last_attempted_at: datetime | None = None
@@ -1605,12 +1613,16 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
             body = read_body(config.max_body_bytes)
         except HTTPException as exc:  # 413, or a client that went away (400)
             return reject(exc.code, owner, exc.description)
-        ndjson = flask.request.mimetype in ("application/x-ndjson", "application/ndjson")
+        if not PAGE_SLOT.acquire(timeout=BUSY_WAIT_SECONDS):  # held from the parse on: no parsed body waits
+            return flask.jsonify(error="busy: this worker is writing another page; push again"), 503
         try:
-            page = parse_push(body, ndjson, allowed, utcnow())
+            page = parse_push(body, flask.request.mimetype in ("application/x-ndjson", "application/ndjson"),
+                              allowed, utcnow())
+            result = ingest(page)
         except ExporterError as exc:
             return reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc))
-        result = ingest(page)
+        finally:
+            PAGE_SLOT.release()
         return flask.jsonify(result), 503 if result["status"] == "error" else 200
 
     return app
@@ -1662,11 +1674,9 @@ def summarize(job: str, started: datetime, runs: list, sweep=(0, 0), idle: bool 
     unless ``idle``: only push sources); ``partial`` when something failed, stopped early or was
     skipped but work was done; ``busy`` when every source was held by another writer."""
     errors = [f"{r.source_id}: {r.error}" for r in runs if r.state in ("failed", "partial")]
-    for r in runs:
-        if r.invalid_samples:
-            errors.append(f"{r.source_id}: {r.invalid_samples} invalid samples skipped")
-        if r.unknown_account_samples:
-            errors.append(f"{r.source_id}: {r.unknown_account_samples} samples of unknown accounts skipped")
+    errors += [f"{r.source_id}: {r.invalid_samples} invalid samples skipped" for r in runs if r.invalid_samples]
+    errors += [f"{r.source_id}: {r.unknown_account_samples} samples of unknown accounts skipped"
+               for r in runs if r.unknown_account_samples]
     if not runs and not idle:
         status, errors = "error", ["no enabled source"]
     elif runs and all(r.state == "busy" for r in runs):
@@ -1781,7 +1791,7 @@ class Collector:
         try:
             pending = ahead.submit(client.fetch, since, until, limit, cursor) if since <= until else None
             while pending is not None:
-                page, pending, fetch_next, stop = pending.result(), None, None, ""
+                page, pending, stop = pending.result(), None, ""
                 # Checked before the page is applied: a page that breaks the protocol is rejected whole.
                 if page.has_more and page.next_cursor in ("", cursor):
                     raise ExporterError("protocol error: has_more without a new next_cursor")
@@ -1798,20 +1808,13 @@ class Collector:
                         stop = f"stopped after {run.pages} pages (MAX_PAGES_PER_RUN); the next run continues"
                     elif self._stop.is_set():
                         stop = "interrupted: the worker is stopping; the next run continues"
-                    else:
+                    else:  # the next page downloads and parses while this one is written
                         cursor = page.next_cursor
-                        fetch_next = functools.partial(ahead.submit, client.fetch, since, until, limit, cursor)
-                # The next page downloads and parses while this one is written, unless this one is
-                # over the sample target (a huge snapshot): two such at once could outgrow the memory budget.
-                big = page.sample_count > PAGE_SAMPLE_TARGET
-                if fetch_next and not big:
-                    pending = fetch_next()
+                        pending = ahead.submit(client.fetch, since, until, limit, cursor)
                 if page.snapshots:
                     last_at = page.snapshots[-1].collected_at
                     self.apply(conn, page, run, None if window else
                                lambda: write_sync_state(conn, sid, completed=last_at, commit=False))
-                if fetch_next and big:
-                    pending = fetch_next()
                 if stop:
                     run.state, run.error = "partial", stop
                     break
@@ -1827,19 +1830,22 @@ class Collector:
     def apply(self, conn, page: Page, run: SourceRun, after=None, wait: float | None = None) -> None:
         """One page, one transaction: its facts and its progress (``after``), or nothing."""
         check = False
-        for attempt in range(PAGE_ATTEMPTS):
-            try:
-                metered, rated = self._rate_and_write(conn, page, wait, check)
-                if after is not None:
-                    after()
-                conn.commit()
-                run.add(metered, rated)
-                return
-            except (LedgerConflict, psycopg2.errors.DeadlockDetected, psycopg2.errors.SerializationFailure) as exc:
-                conn.rollback()
-                check = check or isinstance(exc, LedgerConflict)
-                if attempt == PAGE_ATTEMPTS - 1:
-                    raise
+        # A page over the sample target (one huge snapshot) is written with nothing parsed beside it.
+        with PAGE_SLOT, PARSE_SLOT if page.sample_count > PAGE_SAMPLE_TARGET else nullcontext():
+            for attempt in range(PAGE_ATTEMPTS):
+                try:
+                    metered, rated = self._rate_and_write(conn, page, wait, check)
+                    if after is not None:
+                        after()
+                    conn.commit()
+                    run.add(metered, rated)
+                    return
+                except (LedgerConflict, psycopg2.errors.DeadlockDetected,
+                        psycopg2.errors.SerializationFailure) as exc:
+                    conn.rollback()
+                    check = check or isinstance(exc, LedgerConflict)
+                    if attempt == PAGE_ATTEMPTS - 1:
+                        raise
 
     def _rate_and_write(self, conn, page: Page, wait: float | None, check: bool):
         """Lock the page's nodes, read, rate, write (``check``: first look up ledger ids already there)."""
@@ -1907,7 +1913,6 @@ class Collector:
 
 
 def create_app(environ=None) -> flask.Flask:
-    """Application factory: config from the environment, strictly validated."""
     config = load_config(os.environ if environ is None else environ)
     db = Database(config.database_url)
     collector = Collector(config, db)

@@ -1623,21 +1623,27 @@ def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gu
     assert peak < RSS_LIMIT_MB, f"worker peak RSS {peak:.0f} MB"
 
 
-def test_a_page_of_valid_samples_filling_max_body_bytes_keeps_the_worker_under_400_mb(db, exporters, gunicorns):
-    """The other hostile page within both caps: one snapshot of as many valid
-    samples of known accounts as fit in MAX_BODY_BYTES (about 175,000; a
-    snapshot cannot be split, so PAGE_SAMPLE_TARGET does not apply). It is
-    billed, and the worker's peak RSS stays under 400 MB."""
+def test_the_largest_pages_of_valid_samples_keep_the_worker_under_400_mb(db, exporters, gunicorns):
+    """The other hostile pages: one snapshot (it cannot be split, so
+    PAGE_SAMPLE_TARGET does not apply) of MAX_PAGE_SAMPLES valid samples of
+    known accounts is billed; one sample more and the page is refused whole,
+    naming the memory budget; a page at PAGE_SAMPLE_TARGET is written while
+    the next page, just under MAX_JSON_VALUES of the costliest values,
+    parses beside it. The worker's peak RSS stays under 400 MB throughout."""
     sample = '{"uuid":"%s","uplink_bytes_total":%d,"downlink_bytes_total":1}'
-    head = '{"node_id":"%s","env":"%s","has_more":false,"snapshots":[{"collected_at":"%s","samples":[' % (
-        NODE, ENV, rfc(at(1, 5)))
-    count = (16 * 1024 * 1024 - len(head) - 64) // (len(sample % ("0" * 32, 99999)) + 1)
+    count = billing.MAX_PAGE_SAMPLES
     accounts = [row[0] for row in db.q("""INSERT INTO users (uuid) SELECT gen_random_uuid() FROM generate_series(1, %s)
-                                          RETURNING replace(uuid::text, '-', '')""", (count,))]
-    body = (head + ",".join(sample % (a, 10000 + i % 90000) for i, a in enumerate(accounts)) + "]}]}").encode()
-    assert len(body) <= 16 * 1024 * 1024 and body.count(b",") + body.count(b"{") < billing.MAX_JSON_VALUES
+                                          RETURNING replace(uuid::text, '-', '')""", (count + 1,))]
+
+    def page(stamp, samples, uplink=10000):
+        head = '{"node_id":"%s","env":"%s","has_more":false,"snapshots":[{"collected_at":"%s","samples":[' % (
+            NODE, ENV, rfc(stamp))
+        return (head + ",".join(sample % (a, uplink + i % 90000) for i, a in enumerate(samples)) + "]}]}").encode()
+
+    largest = page(at(1, 5), accounts[:count])
+    assert len(largest) <= 16 * 1024 * 1024 and largest.count(b",") + largest.count(b"{") < billing.MAX_JSON_VALUES
     server = exporters()
-    server.fault = lambda query: (200, body)
+    server.fault = lambda query: (200, largest)
     db.set_watermark("a", at(-1))
     g = gunicorns(service_env(db, [source("a", server)]), workers=1)
     worker, = worker_pids(g.proc.pid)
@@ -1645,8 +1651,25 @@ def test_a_page_of_valid_samples_filling_max_body_bytes_keeps_the_worker_under_4
     assert (status, result["status"], result["processed_samples"]) == (200, "ok", count), result
     peak = peak_rss_mb(worker)
     print(f"\nhardening: peak RSS of the gunicorn worker after one page of {count} valid samples: {peak:.0f} MB")
-    # The peak is write_page's ledger COPY, with the page's samples, increments and ledger alive:
-    # a str buffer there (io.StringIO, 4 bytes a character, read back whole) took it to ~500 MB.
+    assert peak < RSS_LIMIT_MB, f"worker peak RSS {peak:.0f} MB"
+
+    server.fault = lambda query: (200, page(at(2, 5), accounts))  # one sample more
+    status, result = g.post()
+    assert (status, result["status"]) == (503, "error"), result
+    assert by_source(result)["a"]["last_error"] == f"page holds more than {count} samples (the memory budget)"
+    assert db.watermark("a") == at(1, 5) and db.one("SELECT count(*) FROM billing_ledger") == (count,)
+
+    target = page(at(2, 5), accounts[:billing.PAGE_SAMPLE_TARGET], uplink=100000).replace(
+        b'"has_more":false', b'"has_more":true,"next_cursor":"c1"')
+    costliest, chains = nested_values_page(at(2, 35), billing.MAX_JSON_VALUES)
+    server.fault = lambda query: (200, costliest if query.get("cursor") == "c1" else target)
+    status, result = g.post()
+    assert (status, result["status"], result["processed_samples"]) == (200, "partial", billing.PAGE_SAMPLE_TARGET)
+    assert result["invalid_samples"] == chains and db.watermark("a") == at(2, 35), result
+    assert db.one("SELECT count(*) FROM billing_ledger") == (count + billing.PAGE_SAMPLE_TARGET,)
+    peak = peak_rss_mb(worker)
+    print(f"hardening: peak RSS after a page of {billing.PAGE_SAMPLE_TARGET} samples written beside "
+          f"the next page's parse of {billing.MAX_JSON_VALUES} values: {peak:.0f} MB")
     assert peak < RSS_LIMIT_MB, f"worker peak RSS {peak:.0f} MB"
 
 
