@@ -823,6 +823,7 @@ def db_error_text(exc: psycopg2.Error) -> str:
     return f"database error: {type(exc).__name__}" if exc.pgcode else "database unavailable"
 
 
+BUSY_WAIT_SECONDS = 10.0  # how long an HTTP run (or a push) waits for a source or node another writer holds
 _SOURCE_LOCKS, _NODE_LOCKS = 0x62696C6C, 0x62696C6E  # advisory lock namespaces: "bill", "biln"
 
 
@@ -1061,8 +1062,9 @@ def sweep_arrears(conn, suspend_after: float) -> tuple[int, int]:
 
 
 RUN_RETENTION = 1000  # finished runs kept in billing_job_runs
-TOTAL_FIELDS = ("processed_samples", "written_minutes", "replayed_minutes", "invalid_samples",
-                "unknown_account_samples", "counter_resets", "already_billed", "suspended", "lifted")
+RUN_COUNTS = ("processed_samples", "written_minutes", "replayed_minutes", "invalid_samples",
+              "unknown_account_samples", "counter_resets", "already_billed")  # what each source run counts
+TOTAL_FIELDS = RUN_COUNTS + ("suspended", "lifted")  # a run's result: those, plus the arrears sweep's
 
 
 def record_run(conn, result: dict, keep: bool = True) -> None:
@@ -1630,7 +1632,6 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
 
 # ---- collector: job runs, push ingest, and the thread that repeats runs --
 
-BUSY_WAIT_SECONDS = 10.0  # how long an HTTP run (or a push) waits for a source or node another writer holds
 OVERLAP = 2 * MINUTE
 PAGE_ATTEMPTS = 3  # a page transaction that hit a deadlock or serialization failure is retried
 MAX_EMPTY_PAGES = 3  # consecutive empty pages that still say has_more: a broken exporter
@@ -1666,7 +1667,7 @@ class SourceRun:
         times = ("last_completed_until", "last_attempted_at", "last_succeeded_at")
         return {"source_id": self.source_id, "state": self.state, "error": self.error,
                 **{name: format_time(getattr(mark, name)) for name in times}, "last_error": mark.last_error,
-                **{name: getattr(self, name) for name in TOTAL_FIELDS[:7]}, "pages": self.pages}
+                **{name: getattr(self, name) for name in RUN_COUNTS}, "pages": self.pages}
 
 
 def summarize(job: str, started: datetime, runs: list, sweep=(0, 0), idle: bool = False) -> dict:
@@ -1687,7 +1688,7 @@ def summarize(job: str, started: datetime, runs: list, sweep=(0, 0), idle: bool 
         status = "partial" if errors else "ok"
     return {"job": job, "started_at": format_time(started), "finished_at": format_time(utcnow()),
             "status": status, "error": "; ".join(errors),
-            **{name: sum(getattr(r, name) for r in runs) for name in TOTAL_FIELDS[:7]},
+            **{name: sum(getattr(r, name) for r in runs) for name in RUN_COUNTS},
             "suspended": sweep[0], "lifted": sweep[1], "source_statuses": [r.status() for r in runs]}
 
 
