@@ -1630,15 +1630,13 @@ def test_the_largest_pages_of_valid_samples_keep_the_worker_under_400_mb(db, exp
     naming the memory budget; a page at PAGE_SAMPLE_TARGET is written while
     the next page, just under MAX_JSON_VALUES of the costliest values,
     parses beside it. The worker's peak RSS stays under 400 MB throughout."""
-    sample = '{"uuid":"%s","uplink_bytes_total":%d,"downlink_bytes_total":1}'
     count = billing.MAX_PAGE_SAMPLES
     accounts = [row[0] for row in db.q("""INSERT INTO users (uuid) SELECT gen_random_uuid() FROM generate_series(1, %s)
-                                          RETURNING replace(uuid::text, '-', '')""", (count + 1,))]
+                                          RETURNING uuid::text""", (count + 1,))]
 
-    def page(stamp, samples, uplink=10000):
-        head = '{"node_id":"%s","env":"%s","has_more":false,"snapshots":[{"collected_at":"%s","samples":[' % (
-            NODE, ENV, rfc(stamp))
-        return (head + ",".join(sample % (a, uplink + i % 90000) for i, a in enumerate(samples)) + "]}]}").encode()
+    def page(stamp, samples, uplink=10000, next_cursor=""):
+        snapshot = snap(stamp, *((a, "", uplink + i % 90000, 1) for i, a in enumerate(samples)))
+        return json.dumps(page_doc([snapshot], bool(next_cursor), next_cursor)).encode()
 
     largest = page(at(1, 5), accounts[:count])
     assert len(largest) <= 16 * 1024 * 1024 and largest.count(b",") + largest.count(b"{") < billing.MAX_JSON_VALUES
@@ -1659,8 +1657,7 @@ def test_the_largest_pages_of_valid_samples_keep_the_worker_under_400_mb(db, exp
     assert by_source(result)["a"]["last_error"] == f"page holds more than {count} samples (the memory budget)"
     assert db.watermark("a") == at(1, 5) and db.one("SELECT count(*) FROM billing_ledger") == (count,)
 
-    target = page(at(2, 5), accounts[:billing.PAGE_SAMPLE_TARGET], uplink=100000).replace(
-        b'"has_more":false', b'"has_more":true,"next_cursor":"c1"')
+    target = page(at(2, 5), accounts[:billing.PAGE_SAMPLE_TARGET], uplink=100000, next_cursor="c1")
     costliest, chains = nested_values_page(at(2, 35), billing.MAX_JSON_VALUES)
     server.fault = lambda query: (200, costliest if query.get("cursor") == "c1" else target)
     status, result = g.post()
