@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -161,6 +162,7 @@ class Config:
     suspend_after: float  # seconds in arrears before suspension; 0 = never
     secrets: Secrets
     warnings: tuple[str, ...] = ()
+    tls: tuple[str, str, str] = ("", "", "")  # TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE ("": off)
 
 
 DEFAULT_TIMEOUT_SECONDS = 15.0
@@ -251,6 +253,30 @@ def _readable_file(where: str, name: str, path) -> str:
     except OSError as exc:
         raise ConfigError(f"{where}: {name} {path!r} is not readable ({exc.strerror})") from None
     return path
+
+
+TLS_VARIABLES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
+
+
+def _listener_tls(environ) -> tuple[str, str, str]:
+    """The listener's certificate, key and client CA, loaded once here so that a
+    wrong file stops start-up naming its variable, not the first handshake."""
+    cert, key, client_ca = (_env(environ, name, "") for name in TLS_VARIABLES)
+    if bool(cert) != bool(key):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE go together")
+    if client_ca and not cert:
+        raise ConfigError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
+    for name, path in zip(TLS_VARIABLES, (cert, key, client_ca)):
+        if path:
+            _readable_file(name, "file", path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for names, load in (("TLS_CERT_FILE/TLS_KEY_FILE", lambda: cert and context.load_cert_chain(cert, key)),
+                        ("TLS_CLIENT_CA_FILE", lambda: client_ca and context.load_verify_locations(client_ca))):
+        try:
+            load()
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{names}: not usable as PEM ({exc.reason or exc})") from None
+    return cert, key, client_ca
 
 
 def _parse_source(raw, index: int, environ, warnings: list) -> Source:
@@ -389,7 +415,7 @@ def load_config(environ) -> Config:
         max_pages_per_run=_number(environ, "MAX_PAGES_PER_RUN", 10000, int, minimum=1),
         max_body_bytes=_number(environ, "MAX_BODY_BYTES", 16 * 1024 * 1024, int, minimum=65536),
         suspend_after=_duration(environ, "ARREARS_SUSPEND_THRESHOLD", "336h"),
-        secrets=secrets, warnings=tuple(warnings))
+        secrets=secrets, warnings=tuple(warnings), tls=_listener_tls(environ))
 
 
 _log = logging.getLogger("billing_service")
