@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import decimal
+import difflib
 import functools
 import hashlib
 import hmac
@@ -26,10 +28,10 @@ import threading
 import time
 import uuid
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -82,6 +84,8 @@ class Secrets:
             return [self.scrub(item) for item in value]
         if value is None or isinstance(value, (bool, int, float)):
             return value
+        if dataclasses.is_dataclass(value):  # a source, the peak hours
+            return self.scrub({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
         return self.redact(str(value))
 
 
@@ -152,20 +156,24 @@ class Config:
     collect_interval: float  # seconds; 0 = no background collector
     region: str
     source_revision: str
-    price_per_byte: float
+    price_per_byte: Decimal
     initial_included_quota: int
-    initial_balance: float
+    initial_balance: Decimal
     image: str
     max_pages_per_run: int
     max_body_bytes: int  # largest exporter page or push body accepted
     peak: PeakHours | None
     suspend_after: float  # seconds in arrears before suspension; 0 = never
     secrets: Secrets
-    warnings: tuple[str, ...] = ()
+    quantum: Decimal = Decimal("0.000000001")  # MONEY_QUANTUM: every amount and balance is a multiple of it
+    push_max_age: float = 86400.0  # seconds; 0 = pushed snapshots of any age are accepted
     tls: tuple[str, str, str] = ("", "", "")  # TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE ("": off)
+    warnings: tuple[str, ...] = ()
 
 
 DEFAULT_TIMEOUT_SECONDS = 15.0
+# A double holds 15 significant digits exactly: every multiple of the quantum below quantum x 10^15.
+EXACT_RANGE = 10**15
 _DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)"
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -193,12 +201,13 @@ def _env(environ, name: str, default: str | None = None) -> str | None:
 def _number(environ, name: str, default, kind, minimum=None):
     raw = _env(environ, name)
     if raw is None:
-        return default
+        return kind(default)
     try:
         value = kind(raw)
-    except ValueError:
+        finite = math.isfinite(value)
+    except (ValueError, ArithmeticError):
         raise ConfigError(f"{name}: not a valid {'integer' if kind is int else 'number'}: {raw!r}") from None
-    if not math.isfinite(value):
+    if not finite:
         raise ConfigError(f"{name}: must be a finite number, got {raw!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name}: must be at least {minimum}, got {raw!r}")
@@ -261,22 +270,20 @@ TLS_VARIABLES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
 def _listener_tls(environ) -> tuple[str, str, str]:
     """The listener's certificate, key and client CA, loaded once here so that a
     wrong file stops start-up naming its variable, not the first handshake."""
-    cert, key, client_ca = (_env(environ, name, "") for name in TLS_VARIABLES)
-    if bool(cert) != bool(key):
-        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE go together")
-    if client_ca and not cert:
-        raise ConfigError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
-    for name, path in zip(TLS_VARIABLES, (cert, key, client_ca)):
+    files = tuple(_env(environ, name, "") for name in TLS_VARIABLES)
+    if bool(files[0]) != bool(files[1]) or (files[2] and not files[0]):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE go together; TLS_CLIENT_CA_FILE needs both")
+    for name, path in zip(TLS_VARIABLES, files):
         if path:
             _readable_file(name, "file", path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    for names, load in (("TLS_CERT_FILE/TLS_KEY_FILE", lambda: cert and context.load_cert_chain(cert, key)),
-                        ("TLS_CLIENT_CA_FILE", lambda: client_ca and context.load_verify_locations(client_ca))):
-        try:
-            load()
-        except ssl.SSLError as exc:
-            raise ConfigError(f"{names}: not usable as PEM ({exc.reason or exc})") from None
-    return cert, key, client_ca
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=files[2] or None)
+        if files[0]:
+            context.load_cert_chain(files[0], files[1])
+    except ssl.SSLError as exc:
+        raise ConfigError(f"TLS_CERT_FILE, TLS_KEY_FILE or TLS_CLIENT_CA_FILE: not a matching PEM certificate, "
+                          f"key and CA ({exc.reason or exc})") from None
+    return files
 
 
 def _parse_source(raw, index: int, environ, warnings: list) -> Source:
@@ -299,6 +306,8 @@ def _parse_source(raw, index: int, environ, warnings: list) -> Source:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {name} must be a string")
         values[name] = value.strip()
+    if ":" in values["expected_env"]:  # env:node is the storage node: a ":" in env would make it ambiguous
+        raise ConfigError(f"{where}: expected_env must not contain ':'")
     if values["first_sight"] not in ("bill", "baseline"):
         raise ConfigError(f"{where}: first_sight must be \"bill\" or \"baseline\"")
     for name in ("enabled", "allow_plain_http"):
@@ -403,19 +412,45 @@ def load_config(environ) -> Config:
     interval = _duration(environ, "COLLECT_INTERVAL", "1m")
     if 0 < interval < 1:
         raise ConfigError("COLLECT_INTERVAL: must be 0/off or at least 1s")
+    quantum = _number(environ, "MONEY_QUANTUM", "0.000000001", Decimal)
+    if quantum <= 0:
+        raise ConfigError(f"MONEY_QUANTUM: must be above zero, got {environ['MONEY_QUANTUM']!r}")
+    balance = _number(environ, "INITIAL_BALANCE", "0", Decimal)
+    if abs(balance) >= quantum * EXACT_RANGE or balance % quantum:
+        raise ConfigError(f"INITIAL_BALANCE: must be a multiple of MONEY_QUANTUM ({quantum}) below "
+                          f"{quantum * EXACT_RANGE} in magnitude, got {balance}")
+    taken = set(KNOWN_VARIABLES) | {s.token_env for s in sources}
+    for name in sorted(set(environ) - taken):
+        near = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.85)
+        if near:
+            warnings.append(f"{name} is not a billing-service variable: did you mean {near[0]}? (it is ignored)")
     return Config(
         database_url=database_url, service_token=token, sources=sources, tokens=tokens,
         listen_addr=_listen_addr(_env(environ, "LISTEN_ADDR", ":8081")), collect_interval=interval,
         region=environ.get("DEFAULT_REGION", ""),  # verbatim: it is part of every bucket's key
         source_revision=_env(environ, "SOURCE_REVISION", "billing-service-v1"),
-        price_per_byte=_number(environ, "PRICE_PER_BYTE", 0.0, float, minimum=0),
+        price_per_byte=_number(environ, "PRICE_PER_BYTE", "0", Decimal, minimum=0),
         initial_included_quota=_number(environ, "INITIAL_INCLUDED_QUOTA_BYTES", 0, int, minimum=0),
-        initial_balance=_number(environ, "INITIAL_BALANCE", 0.0, float),
+        initial_balance=balance, quantum=quantum, push_max_age=_duration(environ, "PUSH_MAX_AGE", "24h"),
         image=environ.get("IMAGE", "").strip(), peak=_peak_hours(environ),
         max_pages_per_run=_number(environ, "MAX_PAGES_PER_RUN", 10000, int, minimum=1),
         max_body_bytes=_number(environ, "MAX_BODY_BYTES", 16 * 1024 * 1024, int, minimum=65536),
         suspend_after=_duration(environ, "ARREARS_SUSPEND_THRESHOLD", "336h"),
         secrets=secrets, warnings=tuple(warnings), tls=_listener_tls(environ))
+
+
+# Every variable the service reads (gunicorn.conf.py reads WEB_CONCURRENCY): a near miss is warned about.
+KNOWN_VARIABLES = ("DATABASE_URL", "INTERNAL_SERVICE_TOKEN", "EXPORTER_SOURCES_JSON", "EXPORTER_BASE_URL",
+                   "LISTEN_ADDR", "COLLECT_INTERVAL", "DEFAULT_REGION", "SOURCE_REVISION", "PRICE_PER_BYTE",
+                   "INITIAL_INCLUDED_QUOTA_BYTES", "INITIAL_BALANCE", "IMAGE", "MAX_PAGES_PER_RUN", "MAX_BODY_BYTES",
+                   "PEAK_HOURS", "PEAK_TIMEZONE", "ARREARS_SUSPEND_THRESHOLD", "MONEY_QUANTUM", "PUSH_MAX_AGE",
+                   "WEB_CONCURRENCY", *TLS_VARIABLES)
+
+
+def effective_config(config: Config) -> dict:
+    """Every setting as the service uses it, for the start-up log (secrets are redacted by log_event)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
+            if f.name not in ("service_token", "tokens", "secrets", "warnings")}
 
 
 _log = logging.getLogger("billing_service")
@@ -429,6 +464,25 @@ def log_event(secrets: Secrets, event: str, **fields) -> None:
     """One JSON line on stderr; every string in it is redacted before encoding."""
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     _log.info(json.dumps({"time": now, "event": event, **secrets.scrub(fields)}))
+
+
+class Throttled:
+    """log_event at most once per ``interval`` seconds per event and ``key``; the next line counts what
+    it left out."""
+
+    def __init__(self, secrets: Secrets, interval: float = 10.0):
+        self._secrets, self._interval, self._lock = secrets, interval, threading.Lock()
+        self._last: dict = {}
+        self._suppressed: collections.Counter = collections.Counter()
+
+    def __call__(self, event: str, key=(), **fields) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last.get((event, key), -self._interval) < self._interval:
+                self._suppressed[event, key] += 1
+                return
+            self._last[event, key], suppressed = now, self._suppressed.pop((event, key), 0)
+        log_event(self._secrets, event, **fields, suppressed=suppressed)
 
 
 _COMMIT = re.compile(r"(?:sha-)?([0-9a-f]{40})")
@@ -448,11 +502,18 @@ def parse_image(image: str) -> dict:
 # ---- exporter client: pages and pushed snapshots, every byte treated as hostile --
 
 class ExporterError(Exception):
-    """A refused page or body (a pulled source fails for this run); the message is safe to show."""
+    """A refused page or body (a pulled source fails for this run). The message is safe to show to the
+    token holder; open endpoints show only ``category``, one word from a fixed list."""
+    category = "bad_page"
+
+    def __init__(self, message: str, category: str = ""):
+        super().__init__(message)
+        self.category = category or self.category
 
 
 class WrongNode(ExporterError):
     """A snapshot of a node this source (or push token) may not deliver."""
+    category = "wrong_node"
 
 
 @dataclass(slots=True)
@@ -476,59 +537,44 @@ class Page:
     snapshots: list  # of Snapshot, in collected_at order
     has_more: bool = False
     next_cursor: str = ""
-    invalid_samples: int = 0
+    invalid: collections.Counter = field(default_factory=collections.Counter)  # invalid samples by reason
     sample_count: int = 0
 
 
 MAX_PAGE_LIMIT = 120  # snapshots per page, the exporter protocol's page size
 PAGE_SAMPLE_TARGET = 50000  # samples per pulled page: bounds memory, amortizes per-page work
-# A worker's memory: per process at most one parse (PARSE_SLOT) and one page being
-# written (PAGE_SLOT; a push holds it from its parse on). json.loads costs up to
-# ~190 bytes per JSON value (a nested one-key object; {} and [] take 25 times
-# their text), and a body holds at most one value per comma or opening bracket,
-# plus one: a parse stays under ~130 MB. Writing holds ~2.5 KB a sample: ~125 MB
-# at the sample target; a page over it (one huge snapshot) is written holding
-# both slots, so nothing is parsed beside it.
+# A worker's memory: a page or pushed body is parsed and written holding PAGE_SLOT,
+# one at a time per process; only raw bodies (at most MAX_BODY_BYTES each) wait
+# outside it. json.loads costs up to ~190 bytes per JSON value (a nested one-key
+# object; {} and [] take 25 times their text), and a body holds at most one value
+# per comma, opening bracket or NDJSON line, plus one: a parse stays under
+# ~130 MB. Writing holds ~2.5 KB a sample: ~250 MB at MAX_PAGE_SAMPLES.
 MAX_JSON_VALUES = 700_000
 MAX_PAGE_SAMPLES = 100_000
-PARSE_SLOT, PAGE_SLOT = threading.Lock(), threading.RLock()
+PAGE_SLOT = threading.Lock()
 MAX_COUNTER = 2**63 - 1
 MAX_LABEL = 255
 MAX_PUSH_AHEAD = timedelta(minutes=5)  # a pushed snapshot from further ahead would freeze its series
+INVALID_REASONS = ("not_an_object", "bad_counter", "bad_uuid", "bad_label", "duplicate")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # NUL and lone surrogates (JSON "\ud800"): no UTF-8 form, PostgreSQL and URLs cannot take them.
 _UNENCODABLE = re.compile("[\x00\ud800-\udfff]")
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))")
+_RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
 def parse_time(text) -> datetime | None:
     """RFC3339 (Z or offset, up to nanoseconds) as UTC, cut to microseconds as PostgreSQL stores it."""
-    if not isinstance(text, str):
-        return None
-    match = _RFC3339.fullmatch(text)
-    if not match:
-        return None
-    year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = match.groups()
+    match = _RFC3339.fullmatch(text) if isinstance(text, str) else None
     try:
-        offset = UTC if zulu else timezone(
-            (1 if sign == "+" else -1) * timedelta(hours=int(off_h), minutes=int(off_m)))
-        stamp = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second),
-                         int((frac or "0")[:6].ljust(6, "0")), tzinfo=offset)
-        return stamp.astimezone(UTC)
+        return match and datetime.fromisoformat(
+            f"{match[1]}T{match[2]}{(match[3] or '')[:7]}{'+00:00' if match[4] in 'Zz' else match[4]}").astimezone(UTC)
     except (ValueError, OverflowError):
         return None
 
 
-@functools.lru_cache(maxsize=4096)  # a page formats the same minutes over and over
 def format_time(stamp: datetime | None) -> str | None:
-    if stamp is None:
-        return None
-    stamp = stamp.astimezone(UTC)
-    text = stamp.strftime("%Y-%m-%dT%H:%M:%S")
-    if stamp.microsecond:
-        text += f".{stamp.microsecond:06d}"
-    return text + "Z"
+    """RFC3339 in UTC with Z, fractional seconds only when there are any."""
+    return None if stamp is None else stamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def minute_floor(stamp: datetime) -> datetime:
@@ -539,50 +585,69 @@ def storage_node(env: str, node_id: str) -> str:
     return f"{env}:{node_id}" if env else node_id
 
 
-def parse_sample(raw) -> Sample | None:
-    """One exporter sample, or None when it is invalid (skipped and counted)."""
+def parse_sample(raw) -> Sample | str:
+    """One exporter sample, or the reason it is invalid (one of INVALID_REASONS: skipped and counted)."""
     if type(raw) is not dict:
-        return None
+        return "not_an_object"
     up, down = raw.get("uplink_bytes_total"), raw.get("downlink_bytes_total")
-    # type() rather than isinstance(): JSON true/false must not count as 1/0.
-    if type(up) is not int or type(down) is not int or not (0 <= up <= MAX_COUNTER and 0 <= down <= MAX_COUNTER):
-        return None
-    if up + down > MAX_COUNTER:  # its bytes could never be stored as one bucket's total_bytes (BIGINT)
-        return None
+    # type() rather than isinstance(): JSON true/false must not count as 1/0. Both directions
+    # together must fit one bucket's total_bytes (BIGINT).
+    if type(up) is not int or type(down) is not int or not (0 <= up and 0 <= down and up + down <= MAX_COUNTER):
+        return "bad_counter"
     account = raw.get("uuid")
     if type(account) is not str:
-        return None
+        return "bad_uuid"
     if not _UUID.fullmatch(account):
         try:
             account = str(uuid.UUID(account))
         except ValueError:
-            return None
+            return "bad_uuid"
     tag = raw.get("inbound_tag")
     if tag is None:
         tag = ""
     elif type(tag) is not str or len(tag) > MAX_LABEL or _UNENCODABLE.search(tag):
-        return None
+        return "bad_label"
     return Sample(account, tag, up, down)
 
 
-def _label(raw, what: str, default: str, node_part: bool = True) -> str:
+def _label(raw, what: str, default: str, forbidden: str = "#") -> str:
+    # Storage nodes are env:node and series keys node#tag: neither separator may hide inside a part.
     if raw is None:
         return default
     if not isinstance(raw, str) or len(raw) > MAX_LABEL or _UNENCODABLE.search(raw):
         raise ExporterError(f"malformed page: {what} is not a short string")
-    if node_part and "#" in raw:  # "#" separates a series key's node from its inbound tag
-        raise ExporterError(f"malformed page: {what} contains '#'")
+    for char in forbidden:
+        if char in raw:
+            raise ExporterError(f"malformed page: {what} contains '{char}'")
     return raw
 
 
 def decode_json(body: bytes, ndjson: bool = False):
-    """json.loads (of each line, for NDJSON) within the memory budget (call it holding PARSE_SLOT)."""
-    if body.count(b",") + body.count(b"[") + body.count(b"{") >= MAX_JSON_VALUES:
-        raise ExporterError(f"body holds more than {MAX_JSON_VALUES} JSON values (the memory budget)")
+    """The JSON document, or for NDJSON an iterator of each line's, within the memory budget."""
+    if body[:2] == b"\x1f\x8b":
+        raise ExporterError("gzip is not accepted; send identity (uncompressed) JSON")
+    values = body.count(b",") + body.count(b"[") + body.count(b"{") + (body.count(b"\n") if ndjson else 0)
+    if values >= MAX_JSON_VALUES:
+        raise ExporterError(f"body holds more than {MAX_JSON_VALUES} JSON values (the memory budget)", "budget")
+    if ndjson:
+        return _ndjson_lines(body)
     try:
-        return [json.loads(line) for line in body.splitlines() if line.strip()] if ndjson else json.loads(body)
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and b"\n" in body.strip():
+            raise ExporterError("body is not one JSON document: NDJSON needs Content-Type application/x-ndjson")
+        raise ExporterError("malformed page: body is not JSON") from None
     except (ValueError, RecursionError):
         raise ExporterError("malformed page: body is not JSON") from None
+
+
+def _ndjson_lines(body: bytes):
+    for number, line in enumerate(io.BytesIO(body), start=1):  # one line at a time, never a list of them
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except (ValueError, RecursionError):
+                raise ExporterError(f"malformed body: NDJSON line {number} is not JSON") from None
 
 
 def _list(doc: dict, key: str, what: str) -> list:
@@ -610,37 +675,41 @@ def parse_snapshot(page: Page, raw, sources, node_default: str = "", env_default
     if collected_at is None:
         raise ExporterError("malformed page: a snapshot has no valid RFC3339 collected_at")
     node_id = _label(raw.get("node_id"), "snapshot node_id", node_default)
-    env = _label(raw.get("env"), "snapshot env", env_default)
+    env = _label(raw.get("env"), "snapshot env", env_default, "#:")
     if not node_id:
         raise ExporterError("malformed page: a snapshot has no node_id")
     source = next((s for s in sources if _expects(s, node_id, env)), None)
     if source is None:
         raise _wrong_node("snapshot", node_id, env, sources[0])
     raw_samples = _list(raw, "samples", "a snapshot's samples")
-    samples = [sample for sample in map(parse_sample, raw_samples) if sample is not None]
-    page.snapshots.append(Snapshot(collected_at, storage_node(env, node_id), samples, source))
-    page.invalid_samples += len(raw_samples) - len(samples)
     page.sample_count += len(raw_samples)
     if page.sample_count > MAX_PAGE_SAMPLES:
-        raise ExporterError(f"page holds more than {MAX_PAGE_SAMPLES} samples (the memory budget)")
+        raise ExporterError(f"page holds more than {MAX_PAGE_SAMPLES} samples (the memory budget)", "budget")
+    samples = []
+    for parsed in map(parse_sample, raw_samples):
+        if type(parsed) is str:
+            page.invalid[parsed] += 1
+        else:
+            samples.append(parsed)
+    series = collections.Counter((s.account, s.inbound_tag) for s in samples)
+    if len(series) < len(samples):  # one series twice: neither value can be trusted, in any order
+        page.invalid["duplicate"] += sum(count for count in series.values() if count > 1)
+        samples = [s for s in samples if series[s.account, s.inbound_tag] == 1]
+    page.snapshots.append(Snapshot(collected_at, storage_node(env, node_id), samples, source))
     return page.snapshots[-1]
 
 
 def parse_page(body: bytes, source: Source, since: datetime, until: datetime) -> Page:
-    """Validate one window page. Page-level faults raise; bad samples are counted."""
-    with PARSE_SLOT:
-        return _parse_page(decode_json(body), source, since, until)
-
-
-def _parse_page(doc, source: Source, since: datetime, until: datetime) -> Page:
+    """Validate one window page (call it holding PAGE_SLOT). Page-level faults raise; bad samples are counted."""
+    doc = decode_json(body)
     if not isinstance(doc, dict):
         raise ExporterError("malformed page: body is not a JSON object")
     raw_snapshots = _list(doc, "snapshots", "snapshots")
     has_more = doc.get("has_more", False)
     if not isinstance(has_more, bool):
         raise ExporterError("malformed page: has_more is not a boolean")
-    page = Page([], has_more, _label(doc.get("next_cursor"), "next_cursor", "", node_part=False))
-    page_node, page_env = _label(doc.get("node_id"), "node_id", ""), _label(doc.get("env"), "env", "")
+    page = Page([], has_more, _label(doc.get("next_cursor"), "next_cursor", "", forbidden=""))
+    page_node, page_env = _label(doc.get("node_id"), "node_id", ""), _label(doc.get("env"), "env", "", "#:")
     if raw_snapshots and not _expects(source, page_node, page_env):
         # Real exporters leave the page-level identity empty only on empty pages.
         raise _wrong_node("page", page_node, page_env, source)
@@ -653,16 +722,18 @@ def _parse_page(doc, source: Source, since: datetime, until: datetime) -> Page:
     return page
 
 
-def parse_push(body: bytes, ndjson: bool, sources, now: datetime) -> Page:
-    """A pushed body: one snapshot object, a JSON array of them, or NDJSON (one per line).
-    Any snapshot-level fault refuses the whole body."""
-    with PARSE_SLOT:
-        doc = decode_json(body, ndjson)
-        page = Page([])
-        for raw in doc if isinstance(doc, list) else [doc]:
-            snap = parse_snapshot(page, raw, sources)
-            if snap.collected_at > now + MAX_PUSH_AHEAD:
-                raise ExporterError(f"snapshot at {format_time(snap.collected_at)} is in the future")
+def parse_push(body: bytes, ndjson: bool, sources, now: datetime, max_age: float) -> Page:
+    """A pushed body (call it holding PAGE_SLOT): one snapshot object, a JSON array of them, or
+    NDJSON (one per line). Any snapshot-level fault refuses the whole body."""
+    doc = decode_json(body, ndjson)
+    page = Page([])
+    for raw in doc if isinstance(doc, list) or ndjson else [doc]:
+        snap = parse_snapshot(page, raw, sources)
+        if snap.collected_at > now + MAX_PUSH_AHEAD:
+            raise ExporterError(f"snapshot at {format_time(snap.collected_at)} is in the future")
+        if max_age and snap.collected_at < now - timedelta(seconds=max_age):
+            raise ExporterError(f"snapshot at {format_time(snap.collected_at)} is older than PUSH_MAX_AGE "
+                                f"({max_age:g}s): deliver older history through a pull source")
     if not page.snapshots:
         raise ExporterError("the body holds no snapshot")
     page.snapshots.sort(key=lambda snap: snap.collected_at)
@@ -683,12 +754,12 @@ class ExporterClient:
         if source.client_cert:
             self.session.cert = (source.client_cert, source.client_key) if source.client_key else source.client_cert
 
-    def fetch(self, since: datetime, until: datetime, limit: int, cursor: str) -> Page:
-        """One window page, read within timeout_seconds and MAX_BODY_BYTES, and validated."""
+    def fetch(self, since: datetime, until: datetime, limit: int, cursor: str) -> bytearray:
+        """One window page's body, read within timeout_seconds and MAX_BODY_BYTES (parse_page validates it)."""
         try:
             token = self.token.get()
         except ValueError as exc:
-            raise ExporterError(str(exc)) from None
+            raise ExporterError(str(exc), "token") from None
         params = {"since": format_time(since), "until": format_time(until), "limit": str(limit)}
         if cursor:
             params["cursor"] = cursor  # verbatim: exporters compare it to the nanosecond
@@ -697,11 +768,12 @@ class ExporterClient:
         timeout = self.source.timeout_seconds
         deadline = time.monotonic() + timeout
         too_large = f"exporter page is larger than {self.max_body} bytes (MAX_BODY_BYTES)"
+        unreachable = "exporter_unreachable"
         try:
             with self.session.get(self.url, params=params, headers=headers, timeout=timeout,
                                   stream=True, allow_redirects=False) as response:
                 if response.status_code != 200:
-                    raise ExporterError(f"exporter answered HTTP {response.status_code}")
+                    raise ExporterError(f"exporter answered HTTP {response.status_code}", unreachable)
                 if response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
                     raise ExporterError("exporter sent a compressed page although identity was asked for")
                 declared = response.headers.get("Content-Length", "")
@@ -715,20 +787,21 @@ class ExporterClient:
                     if len(body) > self.max_body:
                         raise ExporterError(too_large)
                     if time.monotonic() > deadline:
-                        raise ExporterError(f"exporter page took longer than {timeout:g}s")
+                        raise ExporterError(f"exporter page took longer than {timeout:g}s", unreachable)
         except requests.exceptions.SSLError:
             raise ExporterError("TLS handshake or certificate verification failed "
-                                "(check ca_bundle / client_cert)") from None
+                                "(check ca_bundle / client_cert)", unreachable) from None
         except (requests.exceptions.Timeout, urllib3.exceptions.ReadTimeoutError):
-            raise ExporterError(f"exporter did not answer within {timeout:g}s") from None
+            raise ExporterError(f"exporter did not answer within {timeout:g}s", unreachable) from None
         except requests.exceptions.ConnectionError:
-            raise ExporterError("could not connect to the exporter") from None
+            raise ExporterError("could not connect to the exporter", unreachable) from None
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             # requests' messages can echo URLs; keep only the kind of failure.
-            raise ExporterError(f"request failed ({type(exc).__name__})") from None
+            raise ExporterError(f"request failed ({type(exc).__name__})", unreachable) from None
         except OSError:  # requests checks the TLS file paths itself; a rotation can remove one
-            raise ExporterError("a TLS file (ca_bundle / client_cert / client_key) is missing or unreadable") from None
-        return parse_page(body, self.source, since, until)  # json.loads takes the bytearray: no copy
+            raise ExporterError("a TLS file (ca_bundle / client_cert / client_key) is missing or unreadable",
+                                unreachable) from None
+        return body
 
 
 # ---- repository: every SQL statement, parameterized; I/O and nothing clever --
@@ -740,13 +813,12 @@ class Checkpoint:
     downlink: int
     last_seen_at: datetime
     reset_epoch: int = 0
-    baseline: bool = False  # totals unknown: the next sample only re-baselines (never stored)
 
 
 @dataclass(slots=True)
 class QuotaState:
     remaining: int  # included bytes left
-    balance: float
+    balance: Decimal  # the decimal the stored double prints as
     last_rated_bucket_at: datetime | None = None
     arrears_since: datetime | None = None
 
@@ -760,7 +832,7 @@ class Bucket:
     line_code: str
     uplink: int = 0
     downlink: int = 0
-    multiplier: float = 1.0
+    multiplier: Decimal = Decimal(1)
     version: str = ""
 
 
@@ -770,8 +842,8 @@ class LedgerEntry:
     account: str
     bucket_start: datetime
     rated_bytes: int
-    amount: float
-    balance_after: float
+    amount: Decimal
+    balance_after: Decimal
     version: str
 
 
@@ -786,12 +858,12 @@ class Watermark:  # a source's row of billing_source_sync_state
 
 @dataclass
 class SeriesReads:
-    """What a page transaction reads, under its node locks, about its series."""
+    """What a page transaction reads, under its node locks, about the page's accounts on its nodes."""
     known: set  # accounts that have a users row
-    checkpoints: dict  # (series key, account) -> Checkpoint
-    open_buckets: set  # (series key, account) whose checkpoint's minute already has its bucket
-    inherited: dict = field(default_factory=dict)  # (storage node, account) -> plain-key Checkpoint (adoption)
-    fresh_nodes: set = field(default_factory=set)  # baseline-policy nodes without any checkpoint
+    checkpoints: dict  # (series key, account) -> Checkpoint: each series' own, and each (node, account)'s plain key
+    seen: set  # (storage node, account) with any checkpoint on the node
+    inherited: set  # (storage node, account) whose plain-key row the original service left, not yet taken over
+    marks: dict = field(default_factory=dict)  # storage node -> its newest snapshot applied
 
 
 class Database:
@@ -846,7 +918,36 @@ def _sql(conn, sql: str, params=(), commit: bool = True) -> list:
 
 def db_error_text(exc: psycopg2.Error) -> str:
     # Short and safe: libpq's connection errors name hosts, ports, users and paths (open endpoints show this).
-    return f"database error: {type(exc).__name__}" if exc.pgcode else "database unavailable"
+    return f"database: {type(exc).__name__}" if exc.pgcode else "database: unavailable"
+
+
+# What the service does in the shared database, table by table (README: Grants).
+REQUIRED_GRANTS = {"users": "SELECT", "account_billing_profiles": "SELECT", "billing_node_marks": "SELECT, INSERT, UPDATE",
+                   "traffic_stat_checkpoints": "SELECT, INSERT, UPDATE, DELETE",
+                   "traffic_minute_buckets": "SELECT, INSERT, UPDATE", "billing_ledger": "SELECT, INSERT",
+                   "account_quota_states": "SELECT, INSERT, UPDATE",
+                   "billing_source_sync_state": "SELECT, INSERT, UPDATE",
+                   "billing_inherited_checkpoints": "SELECT, DELETE", "billing_job_runs": "SELECT, INSERT, DELETE",
+                   "billing_job_totals": "SELECT, INSERT, UPDATE", "billing_push_totals": "SELECT, INSERT, UPDATE"}
+
+
+def missing_grants(conn) -> list:
+    """What the connected role lacks (or tables schema.sql has not created), as 'table: PRIVILEGE'."""
+    return [row[0] for row in _sql(conn, """
+        SELECT CASE WHEN to_regclass('public.' || t) IS NULL THEN t || ': missing (apply schema.sql)'
+                    ELSE t || ': ' || p END
+        FROM unnest(%s::text[], %s::text[]) AS g(t, privileges), unnest(string_to_array(privileges, ', ')) AS p
+        WHERE to_regclass('public.' || t) IS NULL OR NOT has_table_privilege('public.' || t, p)
+        UNION ALL SELECT 'database: TEMPORARY' WHERE NOT has_database_privilege(current_database(), 'TEMPORARY')
+        UNION ALL SELECT 'billing_job_runs_id_seq: USAGE'
+        WHERE to_regclass('public.billing_job_runs_id_seq') IS NOT NULL
+          AND NOT has_sequence_privilege('public.billing_job_runs_id_seq', 'USAGE')""",
+        (list(REQUIRED_GRANTS), list(REQUIRED_GRANTS.values())))]
+
+
+def priced_profiles(conn) -> tuple[int, int]:
+    """(profiles with a price of their own, all profiles): whether a zero PRICE_PER_BYTE bills anyone."""
+    return _sql(conn, "SELECT count(*) FILTER (WHERE base_price_per_byte > 0), count(*) FROM account_billing_profiles")[0]
 
 
 BUSY_WAIT_SECONDS = 10.0  # how long an HTTP run (or a push) waits for a source or node another writer holds
@@ -862,6 +963,19 @@ def try_lock_source(conn, source_id: str) -> bool:
     return _sql(conn, "SELECT pg_try_advisory_lock(%s, %s)", (_SOURCE_LOCKS, lock_key(source_id)))[0][0]
 
 
+def source_lock_holder(conn, source_id: str) -> tuple:
+    """(seconds the session holding a source's lock has existed (a run holds it on a connection of its
+    own), seconds since the source's watermark last moved), or () when nobody holds it."""
+    rows = _sql(conn, """
+        SELECT extract(epoch FROM now() - a.backend_start), extract(epoch FROM now() - w.updated_at)
+        FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+        LEFT JOIN billing_source_sync_state w ON w.source_id = %s
+        WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = %s AND l.objid::bigint = %s
+          AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
+                (source_id, _SOURCE_LOCKS, lock_key(source_id) & 0xFFFFFFFF))
+    return tuple(float(value or 0) for value in rows[0]) if rows else ()
+
+
 def lock_nodes(conn, nodes, wait_seconds: float | None = None) -> None:
     """One writer per storage node, whoever delivers it; in key order, so pages never deadlock."""
     if wait_seconds is not None:
@@ -871,26 +985,28 @@ def lock_nodes(conn, nodes, wait_seconds: float | None = None) -> None:
 
 
 def write_sync_state(conn, source_id: str, completed=None, succeeded=None, error=None, attempted=None,
-                     commit=True) -> Watermark:
-    """Record a run's start, progress, end or failure, or a push: the watermark
-    only ever moves forward, and what is None stays as it is."""
+                     starting=False, commit=True) -> Watermark:
+    """Record a run's start (``starting``: where its watermark stands, for progress), progress, end or
+    failure, or a push: the watermark only ever moves forward, and what is None stays as it is."""
     return Watermark(*_sql(conn, """
         INSERT INTO billing_source_sync_state AS w
           (source_id, last_completed_until, last_attempted_at, last_succeeded_at, last_error)
         VALUES (%s, %s, %s, %s, coalesce(%s, ''))
         ON CONFLICT (source_id) DO UPDATE SET
           last_completed_until = GREATEST(w.last_completed_until, EXCLUDED.last_completed_until),
-          last_attempted_at = coalesce(EXCLUDED.last_attempted_at, w.last_attempted_at),
+          last_attempted_at = GREATEST(w.last_attempted_at, EXCLUDED.last_attempted_at),
           last_succeeded_at = coalesce(EXCLUDED.last_succeeded_at, w.last_succeeded_at),
-          last_error = coalesce(%s, w.last_error), updated_at = now()
-        RETURNING source_id, last_completed_until, last_attempted_at, last_succeeded_at, last_error""", (source_id, completed, attempted, succeeded, error, error), commit)[0])
+          last_error = coalesce(%s, w.last_error),
+          run_from = CASE WHEN %s THEN w.last_completed_until ELSE w.run_from END, updated_at = now()
+        RETURNING source_id, last_completed_until, last_attempted_at, last_succeeded_at, last_error""",
+        (source_id, completed, attempted, succeeded, error, error, starting), commit)[0])
 
 
 # Page-scoped scratch tables: filled with COPY, joined set-based, emptied at
 # commit. One fixed set of statements per page, whatever its size.
 _TEMP_TABLES = """
-CREATE TEMP TABLE IF NOT EXISTS page_series (series_node TEXT, storage_node TEXT, line_code TEXT,
-  account_uuid UUID) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS page_series (series_node TEXT, storage_node TEXT, account_uuid UUID)
+  ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS page_quota (account_uuid UUID, remaining BIGINT, balance DOUBLE PRECISION,
   last_rated TIMESTAMPTZ, arrears_since TIMESTAMPTZ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS page_buckets (bucket_start TIMESTAMPTZ, node_id TEXT, account_uuid UUID,
@@ -903,58 +1019,47 @@ CREATE TEMP TABLE IF NOT EXISTS page_checkpoints (node_id TEXT, account_uuid UUI
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _text(value: str | None) -> str:
-    """A label or NULL in COPY's text format (integers go in as str(int), times through format_time)."""
-    return "\\N" if value is None else value.translate(_COPY_ESCAPES)
+def _text(value) -> str:
+    """A value in COPY's text format: NULL, a time, or text escaped (numbers and decimals go in as str())."""
+    if value is None:
+        return "\\N"
+    return format_time(value) if isinstance(value, datetime) else str(value).translate(_COPY_ESCAPES)
 
 
-def _copy(cur, table: str, lines) -> None:
-    """COPY formatted lines into a scratch table, as UTF-8 bytes (a str costs up to 4 bytes a character)."""
-    cur.copy_expert(f"COPY {table} FROM STDIN", io.BytesIO("".join(lines).encode()), size=65536)
+def _copy(cur, table: str, rows) -> None:
+    """COPY rows of values into a scratch table, as UTF-8 bytes (a str costs up to 4 bytes a character)."""
+    text = "".join("\t".join(map(_text, row)) + "\n" for row in rows)
+    cur.copy_expert(f"COPY {table} FROM STDIN", io.BytesIO(text.encode()), size=65536)
 
 
-def read_series(conn, series: list, region: str, baseline_nodes: set, first_minute: datetime) -> SeriesReads:
-    """What the core needs about the page's (series key, storage node, line_code, account): the
-    original's plain-key checkpoints and a baseline node's emptiness only when series are new."""
-    t = functools.lru_cache(maxsize=None)(_text)
+def read_series(conn, series: list) -> SeriesReads:
+    """What the core needs about the page's (series key, storage node, account) triples: which accounts
+    exist, each key's checkpoint, the original's untaken plain-key rows (billing_inherited_checkpoints),
+    and only for a series new to the database, whether its account has another series on the node."""
     with conn.cursor() as cur:
         cur.execute(_TEMP_TABLES)
-        _copy(cur, "page_series", [f"{t(key)}\t{t(node)}\t{t(line)}\t{account}\n" for key, node, line, account in series])
-    known = _sql(conn, "SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s ON s.account_uuid = u.uuid",
-                 commit=False)
-    reads = SeriesReads({row[0] for row in known}, {}, set())
-    # Whether the checkpoint's minute already has its bucket; a checkpoint before the page's
-    # first minute shares no minute with any of its samples, so its bucket is not looked up.
-    checkpoint_of = """c.last_uplink_total, c.last_downlink_total, c.last_seen_at, c.reset_epoch,
-        CASE WHEN c.last_seen_at >= %s THEN EXISTS (SELECT 1 FROM traffic_minute_buckets b
-          WHERE b.bucket_start = date_trunc('minute', c.last_seen_at) AND b.node_id = s.storage_node
-            AND b.account_uuid = s.account_uuid AND b.region = %s AND b.line_code = s.line_code) END"""
-    for key, account, up, down, seen, epoch, is_open in _sql(conn, f"""
-            SELECT s.series_node, s.account_uuid::text, {checkpoint_of} FROM page_series s
-            JOIN traffic_stat_checkpoints c ON c.node_id = s.series_node AND c.account_uuid = s.account_uuid""",
-                                                           (first_minute, region), False):
+        _copy(cur, "page_series", series)
+    known = {row[0] for row in _sql(conn, "SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s "
+                                          "ON s.account_uuid = u.uuid", commit=False)}
+    reads = SeriesReads(known, {}, set(), set())
+    for key, node, account, up, down, seen, epoch, inherited in _sql(conn, """
+            SELECT s.series_node, s.storage_node, s.account_uuid::text, c.last_uplink_total, c.last_downlink_total,
+                   c.last_seen_at, c.reset_epoch, i.node_id IS NOT NULL
+            FROM page_series s
+            JOIN traffic_stat_checkpoints c ON c.node_id = s.series_node AND c.account_uuid = s.account_uuid
+            LEFT JOIN billing_inherited_checkpoints i ON i.node_id = c.node_id AND i.account_uuid = c.account_uuid""",
+                                                                            commit=False):
         reads.checkpoints[(key, account)] = Checkpoint(up, down, seen, epoch)
-        if is_open:
-            reads.open_buckets.add((key, account))
-    new = [(node, line) for key, node, line, account in series
-           if (key, account) not in reads.checkpoints and account in reads.known]
-    if any(line for _, line in new):
-        for key, node, account, up, down, seen, epoch, is_open in _sql(conn, f"""
-                SELECT s.series_node, s.storage_node, s.account_uuid::text, {checkpoint_of} FROM page_series s
-                JOIN traffic_stat_checkpoints c ON c.node_id = s.storage_node AND c.account_uuid = s.account_uuid
-                WHERE s.line_code <> '' AND NOT EXISTS (SELECT 1 FROM traffic_stat_checkpoints o
-                                                        WHERE o.node_id = s.series_node AND o.account_uuid = s.account_uuid)""",
-                                                                             (first_minute, region), False):
-            reads.inherited[(node, account)] = Checkpoint(up, down, seen, epoch)
-            if is_open:
-                reads.open_buckets.add((key, account))
-    candidates = sorted({node for node, _ in new} & baseline_nodes)
-    if candidates:
-        reads.fresh_nodes = {row[0] for row in _sql(conn, """
-            SELECT n FROM unnest(%s::text[]) AS n
-            WHERE NOT EXISTS (SELECT 1 FROM traffic_stat_checkpoints WHERE node_id = n)
-              AND NOT EXISTS (SELECT 1 FROM traffic_stat_checkpoints WHERE starts_with(node_id, n || '#'))""",
-                                                        (candidates,), False)}
+        reads.seen.add((node, account))
+        if inherited:
+            reads.inherited.add((key, account))
+    reads.marks = dict(_sql(conn, "SELECT node_id, last_snapshot_at FROM billing_node_marks WHERE node_id = ANY(%s)",
+                            (list({node for _, node, _ in series}),), False))
+    if any((key, account) not in reads.checkpoints and (node, account) not in reads.seen and account in known
+           for key, node, account in series):  # rare: a node's or an account's first series
+        reads.seen |= {tuple(row) for row in _sql(conn, """
+            SELECT DISTINCT s.storage_node, s.account_uuid::text FROM page_series s JOIN traffic_stat_checkpoints c
+              ON c.account_uuid = s.account_uuid AND starts_with(c.node_id, s.storage_node || '#')""", commit=False)}
     return reads
 
 
@@ -965,10 +1070,15 @@ def read_profiles(conn, accounts) -> dict:
         FROM account_billing_profiles WHERE account_uuid = ANY(%s::uuid[])""", (list(accounts),), False)}
 
 
+def as_decimal(value) -> Decimal:
+    """A stored double as the decimal it prints as (the shortest text that reads back as it)."""
+    return Decimal(repr(float(value)))
+
+
 def lock_quota_states(conn, initial: dict) -> dict:
     """Create missing quota rows from ``initial``, then lock all of them in account order (no deadlocks)."""
     with conn.cursor() as cur:
-        _copy(cur, "page_quota", [f"{a}\t{q.remaining}\t{q.balance!r}\t\\N\t\\N\n" for a, q in initial.items()])
+        _copy(cur, "page_quota", [(a, q.remaining, q.balance, None, None) for a, q in initial.items()])
         cur.execute("""
             INSERT INTO account_quota_states (account_uuid, remaining_included_quota, current_balance, arrears,
                                               throttle_state, suspend_state)
@@ -979,7 +1089,7 @@ def lock_quota_states(conn, initial: dict) -> dict:
             SELECT q.account_uuid::text, q.remaining_included_quota, q.current_balance, q.last_rated_bucket_at,
                    q.arrears_since
             FROM account_quota_states q JOIN page_quota p USING (account_uuid) ORDER BY q.account_uuid FOR UPDATE OF q""")
-        states = {row[0]: QuotaState(*row[1:]) for row in cur.fetchall()}
+        states = {row[0]: QuotaState(row[1], as_decimal(row[2]), *row[3:]) for row in cur.fetchall()}
         cur.execute("TRUNCATE page_quota")
     missing = initial.keys() - states.keys()
     if missing:
@@ -987,33 +1097,27 @@ def lock_quota_states(conn, initial: dict) -> dict:
     return states
 
 
-class LedgerConflict(Exception):
-    """The page met ledger ids already there: redo it leaving those increments out (billed_ids)."""
-
-
 def billed_ids(conn, ids: list) -> set:
-    """The ids already in the ledger: billed before (by the original service, or anything else)."""
+    """The ids already in the ledger: those increments were billed before (checkpoints restored from
+    an older backup, say); they are left out rather than billed twice."""
     return {row[0] for row in _sql(conn, "SELECT id::text FROM billing_ledger WHERE id = ANY(%s::uuid[])", (ids,),
                                    False)}
 
 
-def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict, adopted) -> None:
-    """Write one page's facts (inside the page transaction; the caller commits)."""
-    t = functools.lru_cache(maxsize=None)(_text)  # a page repeats a few nodes, tags and versions
-
-    def later_rows():  # formatted in a helper thread while PostgreSQL upserts the buckets
-        return ([f"{i}\t{e.id}\t{e.account}\t{format_time(e.bucket_start)}\t{e.rated_bytes}\t{e.amount!r}\t"
-                 f"{e.balance_after!r}\t{t(e.version)}\n" for i, e in enumerate(ledger)],
-                [f"{t(node)}\t{account}\t{c.uplink}\t{c.downlink}\t{format_time(c.last_seen_at)}\t{c.reset_epoch}\n"
-                 for (node, account), c in checkpoints.items()],
-                [f"{account}\t{q.remaining}\t{q.balance!r}\t{t(format_time(q.last_rated_bucket_at))}\t"
-                 f"{t(format_time(q.arrears_since))}\n" for account, q in quota.items()])
-    with conn.cursor() as cur, ThreadPoolExecutor(max_workers=1) as helper:
-        formatted = helper.submit(later_rows)
+def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict, dropped=(), taken=(),
+               marks=None) -> None:
+    """Write one page's facts (inside the page transaction; the caller commits): ``dropped`` are plain-key
+    checkpoints no series holds any more, ``taken`` the (node, account) the original's rows were taken from,
+    ``marks`` each node's newest snapshot applied."""
+    with conn.cursor() as cur:
+        if marks:
+            cur.execute("""INSERT INTO billing_node_marks AS m (node_id, last_snapshot_at)
+                           SELECT * FROM unnest(%s::text[], %s::timestamptz[]) ORDER BY 1 ON CONFLICT (node_id)
+                           DO UPDATE SET last_snapshot_at = GREATEST(m.last_snapshot_at, EXCLUDED.last_snapshot_at)""",
+                        (list(marks), list(marks.values())))
         if buckets:
-            _copy(cur, "page_buckets", [
-                f"{format_time(b.bucket_start)}\t{t(b.node_id)}\t{b.account}\t{t(b.line_code)}\t{b.uplink}\t"
-                f"{b.downlink}\t{b.multiplier!r}\t{t(b.version)}\n" for b in buckets])
+            _copy(cur, "page_buckets", [(b.bucket_start, b.node_id, b.account, b.line_code, b.uplink, b.downlink,
+                                         b.multiplier, b.version) for b in buckets])
             # Bytes accumulate: a second sample of a minute adds, never overwrites.
             cur.execute("""
                 INSERT INTO traffic_minute_buckets AS t (bucket_start, node_id, account_uuid, region, line_code,
@@ -1026,21 +1130,18 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                     total_bytes = t.total_bytes + EXCLUDED.total_bytes, multiplier = EXCLUDED.multiplier,
                     rating_status = 'rated', source_revision = EXCLUDED.source_revision, updated_at = now()""",
                         (region,))
-        ledger_rows, checkpoint_rows, quota_rows = formatted.result()
         if ledger:
-            _copy(cur, "page_ledger", ledger_rows)
-            # An id already there means that increment was billed before: the
-            # page must not count it again, so it is redone without it.
+            _copy(cur, "page_ledger", [(i, e.id, e.account, e.bucket_start, e.rated_bytes, e.amount, e.balance_after,
+                                        e.version) for i, e in enumerate(ledger)])
             cur.execute("""
                 INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
                                             amount_delta, balance_after, pricing_rule_version, created_at)
                 SELECT id, account_uuid, bucket_start, bucket_start + interval '1 minute', 'traffic_charge',
                        rated_bytes, amount_delta, balance_after, version, clock_timestamp()
-                FROM page_ledger ORDER BY seq ON CONFLICT (id) DO NOTHING""")
-            if cur.rowcount < len(ledger):
-                raise LedgerConflict("ledger ids already present kept colliding; the page was not applied")
+                FROM page_ledger ORDER BY seq""")
         if checkpoints:
-            _copy(cur, "page_checkpoints", checkpoint_rows)
+            _copy(cur, "page_checkpoints", [(key, account, c.uplink, c.downlink, c.last_seen_at, c.reset_epoch)
+                                            for (key, account), c in checkpoints.items()])
             cur.execute("""
                 INSERT INTO traffic_stat_checkpoints AS t (node_id, account_uuid, last_uplink_total,
                                                            last_downlink_total, last_seen_at, reset_epoch)
@@ -1049,12 +1150,13 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                 SET last_uplink_total = EXCLUDED.last_uplink_total, last_downlink_total = EXCLUDED.last_downlink_total,
                     last_seen_at = EXCLUDED.last_seen_at, reset_epoch = EXCLUDED.reset_epoch, updated_at = now()
                 WHERE t.last_seen_at < EXCLUDED.last_seen_at""")
-        if adopted:  # the original's plain-key checkpoints, now held by their series
-            cur.execute("DELETE FROM traffic_stat_checkpoints WHERE (node_id, account_uuid) IN "
-                        "(SELECT * FROM unnest(%s::text[], %s::uuid[]))",
-                        ([node for node, _ in adopted], [account for _, account in adopted]))
+        for table, pairs in (("traffic_stat_checkpoints", dropped), ("billing_inherited_checkpoints", taken)):
+            if pairs:
+                cur.execute(f"DELETE FROM {table} WHERE (node_id, account_uuid) IN "
+                            "(SELECT * FROM unnest(%s::text[], %s::uuid[]))", ([n for n, _ in pairs], [a for _, a in pairs]))
         if quota:
-            _copy(cur, "page_quota", quota_rows)
+            _copy(cur, "page_quota", [(a, q.remaining, q.balance, q.last_rated_bucket_at, q.arrears_since)
+                                      for a, q in quota.items()])
             cur.execute("""
                 UPDATE account_quota_states q
                 SET remaining_included_quota = p.remaining, current_balance = p.balance, arrears = p.balance < 0,
@@ -1065,32 +1167,40 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
 
 
 def sweep_arrears(conn, suspend_after: float) -> tuple[int, int]:
-    """Suspend accounts in arrears for more than ``suspend_after`` seconds (0: never; a NULL
-    arrears_since, from before that column: never); lift those whose balance is back at or above
-    zero. Rows locked in account order, as rating does. Returns (suspended, lifted)."""
+    """Every debtor gets an arrears clock (a balance below zero without arrears_since, taken over or debited
+    outside rating: from now), is suspended once in arrears longer than ``suspend_after`` seconds (0: never),
+    and is lifted at a balance at or above zero, but only from a suspension billing made. One statement,
+    rows locked in account order as rating does. Returns (suspended, lifted)."""
     rows = _sql(conn, """
         WITH due AS (
           SELECT account_uuid, suspend_state AS was FROM account_quota_states
-          WHERE (current_balance >= 0 AND (suspend_state = 'suspended' OR arrears OR arrears_since IS NOT NULL))
-             OR (%(after)s > 0 AND current_balance < 0 AND suspend_state <> 'suspended'
-                 AND arrears_since <= now() - make_interval(secs => %(after)s))
-          ORDER BY account_uuid FOR UPDATE)
+          WHERE CASE WHEN current_balance < 0
+                     THEN NOT arrears OR arrears_since IS NULL OR (%(after)s > 0 AND suspend_state <> 'suspended'
+                          AND arrears_since <= now() - make_interval(secs => %(after)s))
+                     ELSE arrears OR arrears_since IS NOT NULL OR suspended_by_billing END
+          ORDER BY account_uuid FOR UPDATE),
+        moved AS (
+          SELECT q.account_uuid, q.current_balance < 0 AS owing, coalesce(q.arrears_since, now()) AS since,
+                 %(after)s > 0 AND q.current_balance < 0 AND q.suspend_state <> 'suspended'
+                   AND coalesce(q.arrears_since, now()) <= now() - make_interval(secs => %(after)s) AS suspend
+          FROM account_quota_states q JOIN due USING (account_uuid))
         UPDATE account_quota_states q
-        SET suspend_state = CASE WHEN q.current_balance >= 0 THEN 'active' ELSE 'suspended' END,
-            arrears = q.current_balance < 0,
-            arrears_since = CASE WHEN q.current_balance >= 0 THEN NULL ELSE q.arrears_since END,
-            throttle_state = CASE WHEN q.current_balance >= 0 THEN 'normal' ELSE q.throttle_state END,
-            updated_at = now()
-        FROM due WHERE q.account_uuid = due.account_uuid
+        SET arrears = m.owing, arrears_since = CASE WHEN m.owing THEN m.since END,
+            throttle_state = CASE WHEN m.owing THEN 'throttled' ELSE 'normal' END,
+            suspend_state = CASE WHEN m.suspend THEN 'suspended'
+                                 WHEN NOT m.owing AND q.suspended_by_billing THEN 'active' ELSE q.suspend_state END,
+            suspended_by_billing = m.suspend OR (m.owing AND q.suspended_by_billing), updated_at = now()
+        FROM moved m JOIN due USING (account_uuid) WHERE q.account_uuid = m.account_uuid
         RETURNING q.suspend_state, due.was""", {"after": suspend_after})
-    return (sum(now == "suspended" for now, _ in rows),
+    return (sum(now == "suspended" and was != "suspended" for now, was in rows),
             sum(now == "active" and was == "suspended" for now, was in rows))
 
 
 RUN_RETENTION = 1000  # finished runs kept in billing_job_runs
 RUN_COUNTS = ("processed_samples", "written_minutes", "replayed_minutes", "invalid_samples",
-              "unknown_account_samples", "counter_resets", "already_billed")  # what each source run counts
-TOTAL_FIELDS = RUN_COUNTS + ("suspended", "lifted")  # a run's result: those, plus the arrears sweep's
+              "unknown_account_samples", "counter_resets", "already_billed", "baselined")  # each source run's
+INVALID_FIELDS = tuple(f"invalid_{reason}" for reason in INVALID_REASONS)
+TOTAL_FIELDS = RUN_COUNTS + INVALID_FIELDS + ("suspended", "lifted")  # a run's result: those, and the sweep's
 
 
 def record_run(conn, result: dict, keep: bool = True) -> None:
@@ -1101,17 +1211,21 @@ def record_run(conn, result: dict, keep: bool = True) -> None:
                                                    result["finished_at"], json.dumps(result)), False)
         _sql(conn, "DELETE FROM billing_job_runs WHERE id <= "
                    "(SELECT id FROM billing_job_runs ORDER BY id DESC OFFSET %s LIMIT 1)", (RUN_RETENTION,), False)
+    counts = {**result, **{f"invalid_{k}": v for k, v in result["invalid_by_reason"].items()}}
     _sql(conn, f"""
         INSERT INTO billing_job_totals AS t (job, status, runs, {', '.join(TOTAL_FIELDS)})
         VALUES (%s, %s, 1, {', '.join(['%s'] * len(TOTAL_FIELDS))})
         ON CONFLICT (job, status) DO UPDATE SET runs = t.runs + 1,
           {', '.join(f"{name} = t.{name} + EXCLUDED.{name}" for name in TOTAL_FIELDS)}""",
-         (result["job"], result["status"], *(result.get(name, 0) for name in TOTAL_FIELDS)))
+         (result["job"], result["status"], *(counts.get(name, 0) for name in TOTAL_FIELDS)))
 
 
-def count_push(conn, source_id: str, outcome: str) -> None:
-    _sql(conn, """INSERT INTO billing_push_totals AS t (source_id, outcome, pushes) VALUES (%s, %s, 1)
-                  ON CONFLICT (source_id, outcome) DO UPDATE SET pushes = t.pushes + 1""", (source_id, outcome))
+def add_push_totals(conn, counts: dict) -> None:
+    """Add pushed bodies by (source_id, outcome): applied, failed, rejected."""
+    _sql(conn, """INSERT INTO billing_push_totals AS t (source_id, outcome, pushes)
+                  SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]) ORDER BY 1, 2
+                  ON CONFLICT (source_id, outcome) DO UPDATE SET pushes = t.pushes + EXCLUDED.pushes""",
+         ([s for s, _ in counts], [o for _, o in counts], list(counts.values())))
 
 
 def last_run(conn) -> dict | None:
@@ -1120,17 +1234,19 @@ def last_run(conn) -> dict | None:
     return rows[0][0] if rows else None
 
 
-def read_source_views(conn, source_ids) -> dict:
-    """Each source's watermark, lag (PostgreSQL's clock) and whether a run holds its lock (pg_locks)."""
+def read_source_views(conn, source_ids, started: datetime) -> dict:
+    """Each source's watermark, lag (PostgreSQL's clock; from ``started`` while it has none), where its
+    current run started, and whether a run holds its lock now (pg_locks)."""
     return {row[0]: row for row in _sql(conn, """
         SELECT s.source_id, w.last_completed_until, w.last_attempted_at, w.last_succeeded_at, w.last_error,
-               extract(epoch FROM now() - w.last_completed_until),
+               extract(epoch FROM now() - coalesce(w.last_completed_until, %s)),
                EXISTS (SELECT 1 FROM pg_locks l JOIN pg_database d ON d.oid = l.database
                        WHERE l.locktype = 'advisory' AND d.datname = current_database() AND l.granted
-                         AND l.classid::bigint = %s AND l.objid::bigint = s.lock AND l.objsubid = 2)
+                         AND l.classid::bigint = %s AND l.objid::bigint = s.lock AND l.objsubid = 2),
+               w.run_from, now()
         FROM unnest(%s::text[], %s::bigint[]) AS s(source_id, lock)
         LEFT JOIN billing_source_sync_state w USING (source_id)""",
-        (_SOURCE_LOCKS, list(source_ids), [lock_key(s) & 0xFFFFFFFF for s in source_ids]))}
+        (started, _SOURCE_LOCKS, list(source_ids), [lock_key(s) & 0xFFFFFFFF for s in source_ids]))}
 
 
 def read_counters(conn) -> tuple[list, list, tuple]:
@@ -1141,35 +1257,63 @@ def read_counters(conn) -> tuple[list, list, tuple]:
                           FROM account_quota_states""")[0])
 
 
+def read_account(conn, account: str, since: datetime, until: datetime) -> dict | None:
+    """One account's state and, per UTC day of [since, until), its bytes by region and line and its ledger
+    rows, from the account-first indexes. None when the account has no users row."""
+    rows = _sql(conn, """
+        SELECT u.uuid IS NOT NULL, q.current_balance, q.remaining_included_quota, q.arrears, q.arrears_since,
+               q.throttle_state, q.suspend_state, q.suspended_by_billing, q.last_rated_bucket_at
+        FROM (SELECT %s::uuid AS id) a LEFT JOIN users u ON u.uuid = a.id
+        LEFT JOIN account_quota_states q ON q.account_uuid = a.id""", (account,))
+    if not rows[0][0]:
+        return None
+    lines = _sql(conn, """
+        SELECT date_trunc('day', bucket_start), region, line_code, sum(uplink_bytes), sum(downlink_bytes),
+               sum(total_bytes), count(*)
+        FROM traffic_minute_buckets WHERE account_uuid = %s AND bucket_start >= %s AND bucket_start < %s
+        GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""", (account, since, until))
+    # A ledger row is written after its minute (a push at most MAX_PUSH_AHEAD before it): created_at bounds the scan.
+    money = _sql(conn, """
+        SELECT date_trunc('day', bucket_start), sum(rated_bytes), sum(amount_delta::numeric), count(*)
+        FROM billing_ledger WHERE account_uuid = %s AND created_at >= %s AND bucket_start >= %s AND bucket_start < %s
+        GROUP BY 1 ORDER BY 1""", (account, since - MAX_PUSH_AHEAD, since, until))
+    return {"state": rows[0][1:], "lines": lines, "money": money}
+
+
 # ---- billing core: pure rating of samples against checkpoints and quota ----
+
+ONE, ZERO = Decimal(1), Decimal(0)
+# Money is decimal: enough digits that the one rounding per ledger row (to MONEY_QUANTUM) is the only one.
+MONEY = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
+
 
 @dataclass(frozen=True, slots=True)
 class Pricing:
     included_quota: int  # given on first sight
-    price_per_byte: float
-    multiplier: float  # region x line
+    price_per_byte: Decimal
+    multiplier: Decimal  # region x line
     version: str
-    peak: float = 1.0  # x multiplier inside PEAK_HOURS
-    offpeak: float = 1.0  # x multiplier outside them
+    peak: Decimal = ONE  # x multiplier inside PEAK_HOURS
+    offpeak: Decimal = ONE  # x multiplier outside them
 
 
 def _positive(value, default):
-    return value if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else default
+    return as_decimal(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else default
 
 
 def effective_pricing(profile, defaults: Pricing) -> Pricing:
-    """Config defaults, overridden by an account_billing_profiles row (included, price, region, line,
-    peak, offpeak, version). Non-positive or non-finite numbers fall back: never a NaN charge."""
+    """Config defaults, overridden by an account_billing_profiles row (included, price, region, line, peak,
+    offpeak, version), its doubles read as the decimals they print as. Non-positive or non-finite numbers
+    fall back: never a NaN charge."""
     if profile is None:
         return defaults
     included, price, region_mult, line_mult, peak, offpeak, version = profile
-    return Pricing(int(_positive(included, defaults.included_quota)), float(_positive(price, defaults.price_per_byte)),
-                   float(_positive(region_mult, 1.0)) * float(_positive(line_mult, 1.0)),
+    return Pricing(int(_positive(included, defaults.included_quota)), _positive(price, defaults.price_per_byte),
+                   _positive(region_mult, ONE) * _positive(line_mult, ONE),
                    version.strip() if isinstance(version, str) and version.strip() else defaults.version,
-                   float(_positive(peak, 1.0)), float(_positive(offpeak, 1.0)))
+                   _positive(peak, ONE), _positive(offpeak, ONE))
 
 
-@functools.lru_cache(maxsize=4096)
 def is_peak(minute: datetime, peak: PeakHours) -> bool:
     """Whether a minute starts inside the peak window on its zone's wall clock
     (a daylight-saving day has a shorter or a longer peak, as the clock does)."""
@@ -1178,7 +1322,7 @@ def is_peak(minute: datetime, peak: PeakHours) -> bool:
     return peak.start <= at < peak.end if peak.start < peak.end else at >= peak.start or at < peak.end
 
 
-def minute_multiplier(price: Pricing, minute: datetime, peak: PeakHours | None) -> float:
+def minute_multiplier(price: Pricing, minute: datetime, peak: PeakHours | None) -> Decimal:
     if peak is None:
         return price.multiplier
     return price.multiplier * (price.peak if is_peak(minute, peak) else price.offpeak)
@@ -1191,30 +1335,26 @@ def series_key(storage: str, inbound_tag: str) -> str:
 
 
 def page_series(snapshots) -> list:
-    """(series key, storage node, line_code, account) of every series in a page."""
-    seen = {}
+    """(series key, storage node, account) of every series in a page, and of every (node, account)'s
+    plain key: the untagged series' checkpoint, or the one the original service left."""
+    keys = {}
     for snap in snapshots:
+        node = snap.storage_node
         for s in snap.samples:
-            if (snap.storage_node, s.inbound_tag, s.account) not in seen:
-                seen[snap.storage_node, s.inbound_tag, s.account] = (
-                    series_key(snap.storage_node, s.inbound_tag), snap.storage_node, s.inbound_tag, s.account)
-    return list(seen.values())
-
-
-_KEY_HASH = hashlib.sha1(uuid.NAMESPACE_OID.bytes)
+            keys[series_key(node, s.inbound_tag), node, s.account] = None
+            keys[node, node, s.account] = None
+    return list(keys)
 
 
 def ledger_id(bucket_start: datetime, node: str, account: str, region: str, line_code: str,
-              increment_at: datetime | None = None) -> str:
-    """uuid5(NAMESPACE_OID, name), spelled out (uuid.uuid5 is slower). The first increment of a
-    bucket keeps the established key; later ones add their sample time."""
-    name = f"{format_time(bucket_start)}|{node}|{account}|{region}|{line_code}"
-    if increment_at is not None:
-        name += f"|{format_time(increment_at)}"
-    digest = _KEY_HASH.copy()
-    digest.update(name.encode())
-    h = digest.hexdigest()  # then version 5 and the RFC 4122 variant in their nibbles
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+              collected_at: datetime) -> str:
+    """The id of one sample's ledger row: a hash of the increment, so a replay writes nothing, led by the
+    bucket minute's Unix milliseconds, so a minute's rows share a few leaves of billing_ledger's primary key
+    (a random id costs a random leaf per insert). RFC 9562 version 8 layout."""
+    name = f"{format_time(bucket_start)}|{node}|{account}|{region}|{line_code}|{format_time(collected_at)}"
+    h = hashlib.sha256(name.encode()).hexdigest()
+    x = f"{int(bucket_start.timestamp()) * 1000:012x}8{h[:3]}{'89ab'[int(h[3], 16) & 3]}{h[4:19]}"
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 @dataclass(slots=True)
@@ -1233,92 +1373,92 @@ class Increment:
 class MeteredPage:
     increments: list  # in application order
     checkpoints: dict  # (series key, account) -> Checkpoint, changed ones only
-    adopted: set = field(default_factory=set)  # (storage node, account): plain-key rows now held by their series
+    marks: dict = field(default_factory=dict)  # storage node -> newest snapshot applied, where it moved
+    dropped: set = field(default_factory=set)  # plain-key rows (node, account) no series holds any more
+    taken: set = field(default_factory=set)  # (node, account) whose original checkpoint was taken over
     applied: int = 0  # samples that moved a checkpoint
     replayed: int = 0  # samples at or before their series' last_seen_at
     replayed_minutes: int = 0  # distinct (series, minute) among them
     resets: int = 0  # counter resets (re-baselined, nothing billed)
-    baselined: int = 0  # first samples recorded without billing (first_sight baseline, takeover)
+    baselined: int = 0  # first samples recorded without billing (first_sight baseline, new series, takeover)
     unknown: int = 0  # samples of accounts without a users row
-
-
-def adoptions(snapshots, reads: SeriesReads) -> tuple[dict, dict]:
-    """Checkpoints, for series without their own, from the original service's one per account and
-    node (plain key, whatever the inbound): one series continues from it; several each re-baseline,
-    as it cannot tell them apart. Its last_seen_at guards what the original billed. Returns the
-    adopted checkpoints and, for each, the plain-key row it comes from."""
-    tags: dict = {}
-    for snap in snapshots:
-        for s in snap.samples:
-            if (snap.storage_node, s.account) in reads.inherited:
-                tags.setdefault((snap.storage_node, s.account), set()).add(s.inbound_tag)
-    adopted, owners = {}, {}
-    for (node, account), plain in reads.inherited.items():
-        page_tags = tags.get((node, account), set())
-        if "" in page_tags:  # the plain key is that untagged series' own checkpoint
-            continue
-        for tag in page_tags:
-            key = (series_key(node, tag), account)
-            if key not in reads.checkpoints:
-                adopted[key] = dataclasses.replace(plain, baseline=len(page_tags) > 1)
-                owners[key] = (node, account)
-    return adopted, owners
+    unknown_accounts: set = field(default_factory=set)
 
 
 def meter_page(snapshots, reads: SeriesReads, region: str) -> MeteredPage:
-    """Turn one page of snapshots (in collected_at order) into byte increments
-    against the series checkpoints. Pure: ``reads`` is not modified."""
-    out = MeteredPage([], {})
-    cps = out.checkpoints
-    adopted, owners = adoptions(snapshots, reads) if reads.inherited else ({}, {})
-    fresh = set(reads.fresh_nodes)
-    seen_buckets, replayed = set(), set()
+    """Turn snapshots (in collected_at order) into byte increments against the series checkpoints. Each
+    decision follows from ``reads`` (the database before the page) and the snapshots before it, one
+    snapshot at a time, so the same snapshots split into any pages bill the same (I7). A snapshot no newer
+    than one already applied of its node only replays: it never starts a series (a re-read overlap would
+    otherwise start the series of an account created since at a minute other deliveries never bill). Pure."""
+    out = MeteredPage([], {}, dict(reads.marks))
+    marks = out.marks
+    state = dict(reads.checkpoints)  # the checkpoints as this page has moved them so far
+    seen, inherited, replayed = set(reads.seen), set(reads.inherited), set()
+
+    def record(key, checkpoint):
+        state[key] = out.checkpoints[key] = checkpoint
+        out.dropped.discard(key)
+        seen.add((key[0].partition("#")[0], key[1]))  # the account is on the node from now on
+
     for snap in snapshots:
         stamp, node = snap.collected_at, snap.storage_node
-        minute = minute_floor(stamp)
-        first_snapshot_of_fresh_node = node in fresh
-        fresh.discard(node)
+        minute, late = minute_floor(stamp), node in marks and stamp <= marks[node]
+        accounts: dict = {}
         for s in snap.samples:
-            account = s.account
-            if account not in reads.known:
-                out.unknown += 1
-                continue
-            key = (series_key(node, s.inbound_tag), account)
-            stored = reads.checkpoints.get(key) or adopted.get(key)
-            cp = cps.get(key) or stored
-            if cp is not None and stamp <= cp.last_seen_at:
-                out.replayed += 1
-                replayed.add((minute, key))
-                continue
-            out.applied += 1
-            if (cp is None and first_snapshot_of_fresh_node) or (cp is not None and cp.baseline):
-                cps[key] = Checkpoint(s.uplink, s.downlink, stamp, cp.reset_epoch if cp else 0)
-                out.baselined += 1
-                continue
-            if cp is None:
-                up, down, epoch = s.uplink, s.downlink, 0  # first sight: bill from zero
+            if s.account in reads.known:
+                accounts.setdefault(s.account, []).append(s)
             else:
-                up, down, epoch = s.uplink - cp.uplink, s.downlink - cp.downlink, cp.reset_epoch
-            if up < 0 or down < 0:
-                cps[key] = Checkpoint(s.uplink, s.downlink, stamp, epoch + 1)
-                out.resets += 1
-                continue
-            cps[key] = Checkpoint(s.uplink, s.downlink, stamp, epoch)
-            if up or down:
-                # The first increment of a bucket keeps the established ledger key,
-                # unless an earlier page already opened that bucket.
-                first = (minute, key) not in seen_buckets and not (
-                    key in reads.open_buckets and stored is not None and minute_floor(stored.last_seen_at) == minute)
-                seen_buckets.add((minute, key))
-                out.increments.append(Increment(
-                    ledger_id(minute, node, account, region, s.inbound_tag, None if first else stamp),
-                    minute, node, account, s.inbound_tag, up, down))
+                out.unknown += 1
+                out.unknown_accounts.add(s.account)
+        for account, samples in accounts.items():
+            plain = (node, account)
+            original = state.get(plain) if plain in inherited else None
+            takeover = original is not None and stamp > original.last_seen_at and not late  # the first one after it
+            if takeover:
+                inherited.discard(plain)
+                out.taken.add(plain)
+                # The original kept one row per account and node, whichever inbound it saw last: only
+                # one series whose counters continue it can continue from it; any other is a baseline.
+                one = samples[0]
+                if len(samples) > 1 or one.uplink < original.uplink or one.downlink < original.downlink:
+                    original = None
+                if all(s.inbound_tag for s in samples):
+                    del state[plain]
+                    out.dropped.add(plain)
+            # A new series bills from zero only for an account new to the node under first_sight "bill":
+            # beside the account's other series its counter may hold bytes billed under another key.
+            policy = snap.source.first_sight if snap.source else "bill"
+            first = "baseline" if takeover or plain in seen or policy == "baseline" else "bill"
+            for s in samples:
+                key = (series_key(node, s.inbound_tag), account)
+                # Before the takeover the original's row guards what it billed; at it, own rows do not count.
+                basis = original if original is not None else None if takeover else state.get(key)
+                if (late and (basis is None or basis is original)) or (
+                        basis is not None and stamp <= basis.last_seen_at):
+                    out.replayed += 1
+                    replayed.add((minute, key))
+                    continue
+                out.applied += 1
+                if basis is None and first == "baseline":
+                    record(key, Checkpoint(s.uplink, s.downlink, stamp))
+                    out.baselined += 1
+                    continue
+                if basis is None:
+                    up, down, epoch = s.uplink, s.downlink, 0  # first sight: bill from zero
+                else:
+                    up, down, epoch = s.uplink - basis.uplink, s.downlink - basis.downlink, basis.reset_epoch
+                if up < 0 or down < 0:
+                    record(key, Checkpoint(s.uplink, s.downlink, stamp, epoch + 1))
+                    out.resets += 1
+                    continue
+                record(key, Checkpoint(s.uplink, s.downlink, stamp, epoch))
+                if up or down:
+                    out.increments.append(Increment(ledger_id(minute, node, account, region, s.inbound_tag, stamp),
+                                                    minute, node, account, s.inbound_tag, up, down))
+        marks[node] = max(stamp, marks.get(node, stamp))
+    out.marks = {node: stamp for node, stamp in marks.items() if reads.marks.get(node) != stamp}
     out.replayed_minutes = len(replayed)
-    # A plain-key row is taken over once every series that adopted it holds its own checkpoint.
-    done: dict = {}
-    for key, row in owners.items():
-        done[row] = done.get(row, True) and key in cps
-    out.adopted = {row for row, complete in done.items() if complete}
     return out
 
 
@@ -1328,63 +1468,98 @@ class RatedPage:
     ledger: list  # LedgerEntry, in application order
     quota: dict  # account -> QuotaState, changed ones only
     already_billed: int = 0  # increments whose ledger id was already there: nothing billed again
+    out_of_range: set = field(default_factory=set)  # accounts whose balance a double no longer holds exactly
 
 
-def rate_increments(increments, pricing: dict, quota: dict, peak: PeakHours | None,
+def rate_increments(increments, pricing: dict, quota: dict, peak: PeakHours | None, quantum: Decimal,
                     billed: set = frozenset()) -> RatedPage:
-    """Price increments in order: included quota first, then price x
-    multiplier; one immutable ledger row per increment. An increment whose
-    ledger id is in ``billed`` was billed before: no bytes, money or quota. Pure."""
+    """Price increments in order: included quota first, then bytes x price x multipliers in decimal,
+    rounded half-even once per ledger row to ``quantum``; each balance moves by exactly its amounts.
+    One immutable ledger row per increment; one whose id is in ``billed`` was billed before: no bytes,
+    money or quota. Pure."""
     out = RatedPage([], [], {})
     buckets: dict = {}
-    for inc in increments:
-        if inc.id in billed:
-            out.already_billed += 1
-            continue
-        account = inc.account
-        price = pricing[account]
-        multiplier = minute_multiplier(price, inc.bucket_start, peak)
-        key = (inc.bucket_start, inc.node_id, account, inc.line_code)
-        bucket = buckets.get(key)
-        if bucket is None:
-            bucket = buckets[key] = Bucket(inc.bucket_start, inc.node_id, account, inc.line_code)
-        bucket.uplink += inc.uplink
-        bucket.downlink += inc.downlink
-        bucket.multiplier = multiplier
-        bucket.version = price.version
+    with decimal.localcontext(MONEY):
+        for inc in increments:
+            if inc.id in billed:
+                out.already_billed += 1
+                continue
+            account = inc.account
+            price = pricing[account]
+            multiplier = minute_multiplier(price, inc.bucket_start, peak)
+            key = (inc.bucket_start, inc.node_id, account, inc.line_code)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket(inc.bucket_start, inc.node_id, account, inc.line_code)
+            bucket.uplink += inc.uplink
+            bucket.downlink += inc.downlink
+            bucket.multiplier = multiplier
+            bucket.version = price.version
 
-        state = out.quota.get(account)
-        if state is None:
-            start = quota[account]
-            state = out.quota[account] = QuotaState(start.remaining, start.balance, start.last_rated_bucket_at,
-                                                    start.arrears_since)
-        total = inc.uplink + inc.downlink
-        used = min(max(state.remaining, 0), total)  # a negative remainder written elsewhere charges nothing extra
-        chargeable = total - used
-        amount = -(chargeable * price.price_per_byte * multiplier) + 0.0  # + 0.0: no "-0"
-        solvent = state.balance >= 0
-        state.remaining -= used
-        state.balance += amount
-        if state.balance >= 0:
-            state.arrears_since = None
-        elif solvent:  # this charge crossed zero (an older arrears_since was paid off by a top-up)
-            state.arrears_since = inc.bucket_start  # a replay computes the same value
-        state.last_rated_bucket_at = max(state.last_rated_bucket_at or inc.bucket_start, inc.bucket_start)
-        out.ledger.append(LedgerEntry(inc.id, account, inc.bucket_start, chargeable, amount, state.balance,
-                                      price.version))
+            state = out.quota.get(account)
+            if state is None:
+                state = out.quota[account] = dataclasses.replace(quota[account])
+            total = inc.uplink + inc.downlink
+            used = min(max(state.remaining, 0), total)  # a negative remainder written elsewhere charges nothing extra
+            chargeable = total - used
+            amount = ZERO - (chargeable * price.price_per_byte * multiplier).quantize(quantum)  # ZERO -: no "-0"
+            solvent = state.balance >= 0
+            state.remaining -= used
+            # A balance written with more digits (by the original, a top-up) lands on the quantum here.
+            state.balance = (state.balance + amount).quantize(quantum)
+            if state.balance >= 0:
+                state.arrears_since = None
+            elif solvent:  # this charge crossed zero (an older arrears_since was paid off by a top-up)
+                state.arrears_since = inc.bucket_start  # a replay computes the same value
+            if abs(state.balance) >= quantum * EXACT_RANGE:
+                out.out_of_range.add(account)
+            state.last_rated_bucket_at = max(state.last_rated_bucket_at or inc.bucket_start, inc.bucket_start)
+            out.ledger.append(LedgerEntry(inc.id, account, inc.bucket_start, chargeable, amount, state.balance,
+                                          price.version))
     out.buckets = list(buckets.values())
     return out
 
 
-# ---- HTTP routes: probes, status, metrics, the job endpoints and push ingest --
+# ---- HTTP routes: probes, status, metrics, accounts, the job endpoints and push ingest --
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RECONCILE_RANGE = timedelta(days=7)
+MAX_ACCOUNT_RANGE = timedelta(days=31)
 _HTTP_STATUS = {"ok": 200, "partial": 200, "error": 503, "busy": 409}
+# Every error text starts with its category, one word, all that the open endpoints show (the text can
+# name nodes and accounts); text written by an older release has none and shows as "internal".
+_CATEGORY = re.compile(r"[a-z_]+(?=: )")
 
 
 class BadRequest(ValueError):
     pass
+
+
+def error_category(text: str) -> str:
+    match = _CATEGORY.match(text or "")
+    return match.group() if match else "internal" if text else ""
+
+
+def open_view(run: dict) -> dict:
+    """A run result as the endpoints without a token show it: each error's category, never its text."""
+    errors = [{"source_id": e["source_id"], "category": e["category"]} for e in run.get("errors", [])]
+    return {**run, "error": "; ".join(f"{e['source_id']}: {e['category']}" if e["source_id"] else e["category"]
+                                      for e in errors), "errors": errors,
+            "source_statuses": [{**s, "error": error_category(s.get("error", "")),
+                                 "last_error": error_category(s.get("last_error", ""))}
+                                for s in run.get("source_statuses", [])]}
+
+
+def parse_range(since, until, now: datetime, longest: timedelta) -> tuple[datetime, datetime]:
+    """A [since, until) pair of RFC3339 times, both given, since first, at most ``longest`` long."""
+    since, until = parse_time(since), parse_time(until)
+    if since is None or until is None:
+        raise BadRequest("since and until must be RFC3339 times")
+    if since >= until:
+        raise BadRequest("since must be before until")
+    if until - since > longest:
+        raise BadRequest(f"the range is longer than {longest.days} days")
+    return since, until
 
 
 def parse_reconcile_body(body: bytes, config: Config, now: datetime):
@@ -1415,16 +1590,28 @@ def parse_reconcile_body(body: bytes, config: Config, now: datetime):
         raise BadRequest("since and until go together")
     if "since" not in doc:
         return source_ids, None
-    since, until = parse_time(doc["since"]), parse_time(doc["until"])
-    if since is None or until is None:
-        raise BadRequest("since and until must be RFC3339 times")
-    if since >= until:
-        raise BadRequest("since must be before until")
+    since, until = parse_range(doc["since"], doc["until"], now, MAX_RECONCILE_RANGE)
     if until >= minute_floor(now):
         raise BadRequest("until must be before the current minute (that minute is still being written)")
-    if until - since > MAX_RECONCILE_RANGE:
-        raise BadRequest("the range is longer than 7 days")
     return source_ids, (since, until)
+
+
+def catch_up(row) -> dict | None:
+    """How far a running pull source's catch-up has come since its run started, and when it should be
+    done at the speed its watermark has moved so far."""
+    _, completed, attempted, _, _, _, running, run_from, now = row
+    if not running or None in (completed, attempted, run_from):
+        return None
+    done, elapsed = (completed - run_from).total_seconds(), (now - attempted).total_seconds()
+    remaining = max(0.0, (minute_floor(now) - MINUTE - completed).total_seconds())
+    eta = remaining / (done / elapsed) if done > 0 and elapsed > 0 else None
+    return {"from": format_time(run_from), "at": format_time(completed), "done_seconds": round(done, 3),
+            "remaining_seconds": round(remaining, 3), "eta_seconds": None if eta is None else round(eta, 1),
+            "eta": None if eta is None else format_time(now + timedelta(seconds=eta))}
+
+
+def money_text(amount: Decimal) -> str:
+    return format(amount.normalize() + 0, "f")  # + 0: never "-0"
 
 
 def _metric_line(name: str, labels: dict, value) -> str:
@@ -1450,18 +1637,19 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
         return "\n".join(out) + "\n"
     totals, pushes, (in_arrears, suspended) = counters
 
-    def per_source(pick):
-        rows = [({"source_id": s.source_id}, pick(views[s.source_id])) for s in config.sources]
+    def per_source(pick, sources=config.sources):
+        rows = [({"source_id": s.source_id}, pick(views[s.source_id])) for s in sources]
         return [(labels, value) for labels, value in rows if value is not None]
 
     def stamp(value):
         return None if value is None else f"{value.timestamp():.3f}"
 
+    enabled = [s for s in config.sources if s.enabled]
     family("billing_source_enabled", "gauge", "Whether the source is enabled.",
            [({"source_id": s.source_id}, int(s.enabled)) for s in config.sources])
-    family("billing_source_watermark_lag_seconds", "gauge",
-           "Seconds between now and the source's last_completed_until (push: its newest applied snapshot).",
-           per_source(lambda row: None if row[5] is None else f"{float(row[5]):.3f}"))
+    family("billing_source_watermark_lag_seconds", "gauge", "Seconds between now and the source's "
+           "last_completed_until (push: its newest applied snapshot); since start-up while it has none.",
+           per_source(lambda row: f"{float(row[5]):.3f}", enabled))
     family("billing_source_last_success_timestamp_seconds", "gauge",
            "Unix time of the source's last successful run or applied push.", per_source(lambda row: stamp(row[3])))
     family("billing_source_last_attempt_timestamp_seconds", "gauge",
@@ -1470,14 +1658,24 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
            per_source(lambda row: None if row[2] is None else int(bool(row[4]))))
     family("billing_source_catchup_running", "gauge", "1 while a run holds the source's lock.",
            per_source(lambda row: int(row[6])))
+    for name, key, help_text in (("remaining", "remaining_seconds", "Seconds of exporter history a running "
+                                  "catch-up still has to bill."),
+                                 ("eta", "eta_seconds", "Seconds until a running catch-up should be done, at "
+                                  "the speed its watermark has moved in this run.")):
+        family(f"billing_source_catchup_{name}_seconds", "gauge", help_text,
+               per_source(lambda row: (catch_up(row) or {}).get(key)))
     family("billing_job_runs_total", "counter", "Finished job runs (and pushes) by job and status.",
            [({"job": row[0], "status": row[1]}, row[2]) for row in totals])
-    for index, name in enumerate(TOTAL_FIELDS, start=3):
-        sums = collections.Counter()
-        for row in totals:
-            sums[row[0]] += row[index]
+    by_job = {name: collections.Counter() for name in TOTAL_FIELDS}
+    for row in totals:
+        for name, value in zip(TOTAL_FIELDS, row[3:]):
+            by_job[name][row[0]] += value
+    for name in RUN_COUNTS + ("suspended", "lifted"):
         family(f"billing_{name}_total", "counter", f"Sum of {name} over all runs, by job.",
-               [({"job": job}, value) for job, value in sorted(sums.items())])
+               [({"job": job}, value) for job, value in sorted(by_job[name].items())])
+    family("billing_invalid_samples_by_reason_total", "counter", "Invalid samples skipped, by job and reason.",
+           [({"job": job, "reason": reason}, value) for reason, name in zip(INVALID_REASONS, INVALID_FIELDS)
+            for job, value in sorted(by_job[name].items())])
     for outcome in ("received", "applied", "rejected"):
         sums = collections.Counter()
         for source_id, kind, count in pushes:
@@ -1486,27 +1684,47 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
         family(f"billing_push_{outcome}_total", "counter", f"Pushed bodies {outcome}, by push source "
                "(source_id \"\": no source's token).", [({"source_id": s}, n) for s, n in sorted(sums.items())])
     family("billing_accounts_in_arrears", "gauge", "Accounts whose balance is below zero.", [({}, in_arrears)])
-    family("billing_accounts_suspended", "gauge", "Accounts suspended for arrears.", [({}, suspended)])
+    family("billing_accounts_suspended", "gauge", "Accounts suspended (by billing or anyone else).",
+           [({}, suspended)])
     return "\n".join(out) + "\n"
 
 
-def source_view(source: Source, row) -> dict:
-    """One source as /v1/status shows it: watermark, lag, and whether it runs now."""
-    _, completed, attempted, succeeded, error, lag, running = row
-    return {"source_id": source.source_id, "mode": source.mode, "enabled": source.enabled,
+def source_view(source: Source, row, full: bool) -> dict:
+    """One source as /v1/status shows it: watermark, lag, whether it runs now and how far it has come."""
+    _, completed, attempted, succeeded, error, lag, running, _, _ = row
+    view = {"source_id": source.source_id, "mode": source.mode, "enabled": source.enabled,
             "last_completed_until": format_time(completed), "last_attempted_at": format_time(attempted),
-            "last_succeeded_at": format_time(succeeded), "last_error": error or "",
-            "lag_seconds": None if lag is None else round(float(lag), 3),
-            **({"last_push_at": format_time(attempted)} if source.mode == "push" else {"running": bool(running)})}
+            "last_succeeded_at": format_time(succeeded), "last_error": error if full else error_category(error),
+            "lag_seconds": round(float(lag), 3)}
+    if source.mode == "push":
+        return {**view, "last_push_at": format_time(attempted)}
+    return {**view, "running": bool(running), "catch_up": catch_up(row)}
 
 
-def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
-    """The Flask app. The collector below provides ``run_job(job, source_ids, window)`` and
-    ``ingest(page)``, each answering a run result."""
+def account_view(account: str, since: datetime, until: datetime, found: dict) -> dict:
+    """GET /v1/accounts/<uuid>: the account's state, its bytes per UTC day, region and line, and its
+    money per UTC day (ledger rows carry no line)."""
+    balance, remaining, arrears, arrears_since, throttle, suspend, by_billing, rated_at = found["state"]
+    return {"account": account, "since": format_time(since), "until": format_time(until),
+            "state": None if balance is None else {
+                "balance": money_text(as_decimal(balance)), "remaining_included_quota_bytes": remaining,
+                "arrears": arrears, "arrears_since": format_time(arrears_since), "throttle_state": throttle,
+                "suspend_state": suspend, "suspended_by_billing": by_billing, "last_rated_minute": format_time(rated_at)},
+            "bytes": [{"day": day.date().isoformat(), "region": region, "line_code": line, "uplink_bytes": int(up),
+                       "downlink_bytes": int(down), "bytes": int(total), "minutes": minutes}
+                      for day, region, line, up, down, total, minutes in found["lines"]],
+            "money": [{"day": day.date().isoformat(), "rated_bytes": int(rated), "amount": money_text(amount),
+                       "ledger_rows": rows} for day, rated, amount, rows in found["money"]]}
+
+
+def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, ingest, reject) -> flask.Flask:
+    """The Flask app. The collector below provides ``run_job(job, source_ids, window)``,
+    ``ingest(body, ndjson, sources, remote_addr)`` and ``reject(code, source_id, reason, remote_addr)``, the last two
+    answering (status code, JSON)."""
     app = flask.Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
-    auth_failures = {"count": 0}
+    log_auth_failure = Throttled(config.secrets)
     source_ids = [s.source_id for s in config.sources]
     push_sources = [s for s in config.sources if s.mode == "push" and s.enabled]
 
@@ -1542,6 +1760,13 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
             given = flask.request.headers.get("X-Service-Token", "")
         return given.strip()
 
+    def has_job_token() -> bool:
+        return hmac.compare_digest(given_token().encode(), config.service_token.encode())
+
+    def unauthorized():
+        log_auth_failure("auth_failed", path=flask.request.path, remote_addr=flask.request.remote_addr)
+        return flask.jsonify(error="missing or wrong service token"), 401
+
     def read_body(limit: int) -> bytes:
         # werkzeug cuts a chunked body at max_content_length instead of
         # refusing it: one byte more than the limit tells the two apart.
@@ -1555,16 +1780,13 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
         return body
 
     def job_endpoint(job: str, window_allowed: bool):
-        if not hmac.compare_digest(given_token().encode(), config.service_token.encode()):
-            auth_failures["count"] += 1
-            log_event(config.secrets, "auth_failed", path=flask.request.path,
-                      remote_addr=flask.request.remote_addr, failures=auth_failures["count"])
-            return flask.jsonify(error="missing or wrong service token"), 401
+        if not has_job_token():
+            return unauthorized()
         body = read_body(MAX_REQUEST_BYTES)
         source_ids, window = None, None
         try:
             if window_allowed:
-                source_ids, window = parse_reconcile_body(body, config, datetime.now(UTC))
+                source_ids, window = parse_reconcile_body(body, config, utcnow())
             elif body.strip():
                 raise BadRequest(f"{job} takes no body (a ranged replay is POST /v1/jobs/reconcile)")
         except BadRequest as exc:
@@ -1585,44 +1807,56 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
         if run is None:
             return flask.jsonify(status="starting", message="no collection run has finished yet"), 503
         if run["status"] == "error":
-            return flask.jsonify(status="error", message=f"last run failed: {run['error']}"), 503
+            error = (run if has_job_token() else open_view(run))["error"]
+            return flask.jsonify(status="error", message=f"last run failed: {error}"), 503
         return flask.jsonify(status="ok", message="")
 
     @app.get("/v1/status")
     def status():
+        full = has_job_token()  # the open view shows error categories; the token shows their text
         try:
-            run, views = read_db(lambda conn: (last_run(conn), read_source_views(conn, source_ids)))
+            run, views = read_db(lambda conn: (last_run(conn), read_source_views(conn, source_ids, started)))
         except psycopg2.Error as exc:
             return flask.jsonify(error=unavailable(exc, "/v1/status")), 503
         payload = dict(run) if run else {"job": None, "started_at": None, "finished_at": None, "status": "starting",
-                                         "error": "", **dict.fromkeys(TOTAL_FIELDS, 0), "source_statuses": []}
-        payload["sources"] = [source_view(s, views[s.source_id]) for s in config.sources]
+                                         "error": "", **dict.fromkeys(RUN_COUNTS, 0), "source_statuses": []}
+        payload = payload if full else open_view(payload)
+        payload["sources"] = [source_view(s, views[s.source_id], full) for s in config.sources]
         return flask.jsonify(payload)
 
     @app.get("/metrics")
     def metrics():
         try:
-            views, counters = read_db(lambda conn: (read_source_views(conn, source_ids), read_counters(conn)))
+            views, counters = read_db(lambda conn: (read_source_views(conn, source_ids, started), read_counters(conn)))
         except psycopg2.Error:
             views, counters = None, None
         return flask.Response(render_metrics(config, views, counters),
                               content_type="text/plain; version=0.0.4; charset=utf-8")
 
+    @app.get("/v1/accounts/<account>")
+    def account_bill(account: str):
+        if not has_job_token():
+            return unauthorized()
+        today = datetime.combine(utcnow().date(), datetime.min.time(), UTC)
+        args = flask.request.args
+        try:
+            account = str(uuid.UUID(account))
+            since, until = parse_range(args.get("since", format_time(today)),
+                                       args.get("until", format_time(today + timedelta(days=1))), utcnow(),
+                                       MAX_ACCOUNT_RANGE)
+        except (ValueError, BadRequest) as exc:
+            return flask.jsonify(error=str(exc) if isinstance(exc, BadRequest) else "not an account UUID"), 400
+        try:
+            found = read_db(lambda conn: read_account(conn, account, since, until))
+        except psycopg2.Error as exc:
+            return flask.jsonify(error=unavailable(exc, flask.request.path)), 503
+        if found is None:
+            return flask.jsonify(error="no such account (no users row)"), 404
+        return flask.jsonify(account_view(account, since, until, found))
+
     for job in ("collect-and-rate", "reconcile"):  # only a reconcile takes a window
         app.add_url_rule(f"/v1/jobs/{job}", job, functools.partial(job_endpoint, job, job == "reconcile"),
                          methods=["POST"])
-
-    def reject(code: int, source_id: str, reason: str):
-        log_event(config.secrets, "push_rejected", source_id=source_id, status=code, reason=reason,
-                  remote_addr=flask.request.remote_addr)
-        try:
-            with db.connection() as conn:
-                count_push(conn, source_id, "rejected")
-                if source_id:
-                    write_sync_state(conn, source_id, error=f"push rejected: {reason}", attempted=utcnow())
-        except psycopg2.Error as exc:
-            unavailable(exc, "/v1/ingest/snapshots")
-        return flask.jsonify(error=reason), code
 
     def token_matches(source: Source, given: str) -> bool:
         try:
@@ -1632,26 +1866,24 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
 
     @app.post("/v1/ingest/snapshots")
     def ingest_snapshots():
-        given = given_token()
+        given, remote = given_token(), flask.request.remote_addr
         allowed = [s for s in push_sources if token_matches(s, given)]
-        if not allowed:
-            return reject(401, "", "missing or wrong push token")
+        if not allowed:  # answered from memory: a flood of strangers costs PostgreSQL nothing
+            code, answer = reject(401, "", "missing or wrong push token", remote)
+            return flask.jsonify(answer), code
         owner = allowed[0].source_id if len(allowed) == 1 else ""  # a shared token cannot tell who sent it
-        try:
-            body = read_body(config.max_body_bytes)
-        except HTTPException as exc:  # 413, or a client that went away (400)
-            return reject(exc.code, owner, exc.description)
-        if not PAGE_SLOT.acquire(timeout=BUSY_WAIT_SECONDS):  # held from the parse on: no parsed body waits
-            return flask.jsonify(error="busy: this worker is writing another page; push again"), 503
-        try:
-            page = parse_push(body, flask.request.mimetype in ("application/x-ndjson", "application/ndjson"),
-                              allowed, utcnow())
-            result = ingest(page)
-        except ExporterError as exc:
-            return reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc))
-        finally:
-            PAGE_SLOT.release()
-        return flask.jsonify(result), 503 if result["status"] == "error" else 200
+        encoding = flask.request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            code, answer = reject(415, owner, f"{encoding} is not accepted; send identity (uncompressed)", remote)
+        else:
+            try:
+                body = read_body(config.max_body_bytes)
+            except HTTPException as exc:  # 413, or a client that went away (400)
+                code, answer = reject(exc.code, owner, exc.description, remote)
+            else:
+                ndjson = flask.request.mimetype in ("application/x-ndjson", "application/ndjson")
+                code, answer = ingest(body, ndjson, allowed, remote)
+        return flask.jsonify(answer), code
 
     return app
 
@@ -1659,33 +1891,30 @@ def make_wsgi_app(config: Config, db: Database, run_job, ingest) -> flask.Flask:
 # ---- collector: job runs, push ingest, and the thread that repeats runs --
 
 OVERLAP = 2 * MINUTE
-PAGE_ATTEMPTS = 3  # a page transaction that hit a deadlock or serialization failure is retried
 MAX_EMPTY_PAGES = 3  # consecutive empty pages that still say has_more: a broken exporter
+UNKNOWN_LOGGED = 10  # unknown account UUIDs named per source and run (in the log only)
 
 
 @dataclass
 class SourceRun:
     source_id: str
     state: str = "ok"  # ok | partial (stopped early, the next run continues) | failed | busy
-    error: str = ""
-    processed_samples: int = 0
-    written_minutes: int = 0  # minute-bucket rows written to, per page
-    replayed_minutes: int = 0  # (series, minute) pairs with samples that were applied before, per page
-    invalid_samples: int = 0
-    unknown_account_samples: int = 0
-    counter_resets: int = 0
-    already_billed: int = 0
+    error: str = ""  # "category: text"
+    counts: collections.Counter = field(default_factory=collections.Counter)  # RUN_COUNTS
+    invalid: collections.Counter = field(default_factory=collections.Counter)  # invalid samples by reason
+    unknown: set = field(default_factory=set)  # UUIDs of accounts without a users row, for the log
     pages: int = 0  # fetched
     committed: int = 0  # applied, each in its own transaction
     watermark: Watermark | None = None
 
-    def add(self, metered: MeteredPage, rated: RatedPage) -> None:
-        self.processed_samples += metered.applied + metered.replayed
-        self.written_minutes += len(rated.buckets)
-        self.replayed_minutes += metered.replayed_minutes
-        self.unknown_account_samples += metered.unknown
-        self.counter_resets += metered.resets
-        self.already_billed += rated.already_billed
+    def add(self, page: Page, metered: MeteredPage, rated: RatedPage) -> None:
+        # written_minutes: bucket rows written to; replayed_minutes: (series, minute) replayed; per page.
+        self.counts.update(processed_samples=metered.applied + metered.replayed, written_minutes=len(rated.buckets),
+                           replayed_minutes=metered.replayed_minutes, invalid_samples=sum(page.invalid.values()),
+                           unknown_account_samples=metered.unknown, counter_resets=metered.resets,
+                           already_billed=rated.already_billed, baselined=metered.baselined)
+        self.invalid.update(page.invalid)
+        self.unknown |= metered.unknown_accounts
         self.committed += 1
 
     def status(self) -> dict:
@@ -1693,29 +1922,36 @@ class SourceRun:
         times = ("last_completed_until", "last_attempted_at", "last_succeeded_at")
         return {"source_id": self.source_id, "state": self.state, "error": self.error,
                 **{name: format_time(getattr(mark, name)) for name in times}, "last_error": mark.last_error,
-                **{name: getattr(self, name) for name in RUN_COUNTS}, "pages": self.pages}
+                **{name: self.counts[name] for name in RUN_COUNTS}, "invalid_by_reason": dict(self.invalid),
+                "pages": self.pages}
 
 
 def summarize(job: str, started: datetime, runs: list, sweep=(0, 0), idle: bool = False) -> dict:
     """The run result: ``error`` when no source made progress and one failed (or none is enabled,
     unless ``idle``: only push sources); ``partial`` when something failed, stopped early or was
     skipped but work was done; ``busy`` when every source was held by another writer."""
-    errors = [f"{r.source_id}: {r.error}" for r in runs if r.state in ("failed", "partial")]
-    errors += [f"{r.source_id}: {r.invalid_samples} invalid samples skipped" for r in runs if r.invalid_samples]
-    errors += [f"{r.source_id}: {r.unknown_account_samples} samples of unknown accounts skipped"
-               for r in runs if r.unknown_account_samples]
+    errors = [(r.source_id, r.error) for r in runs if r.state in ("failed", "partial")]
+    errors += [(r.source_id, f"invalid_samples: {r.counts['invalid_samples']} skipped (" +
+                ", ".join(f"{reason} {n}" for reason, n in sorted(r.invalid.items())) + ")")
+               for r in runs if r.invalid]
+    errors += [(r.source_id, f"unknown_accounts: {r.counts['unknown_account_samples']} samples of accounts "
+                             "without a users row skipped") for r in runs if r.unknown]
     if not runs and not idle:
-        status, errors = "error", ["no enabled source"]
+        status, errors = "error", [("", "no_source: no enabled source")]
     elif runs and all(r.state == "busy" for r in runs):
         status = "busy"
     elif any(r.state == "failed" for r in runs) and not any(r.state == "ok" or r.committed for r in runs):
         status = "error"
     else:
         status = "partial" if errors else "ok"
+    invalid = sum((r.invalid for r in runs), collections.Counter())
     return {"job": job, "started_at": format_time(started), "finished_at": format_time(utcnow()),
-            "status": status, "error": "; ".join(errors),
-            **{name: sum(getattr(r, name) for r in runs) for name in RUN_COUNTS},
-            "suspended": sweep[0], "lifted": sweep[1], "source_statuses": [r.status() for r in runs]}
+            "status": status, "error": "; ".join(f"{sid}: {text}" if sid else text for sid, text in errors),
+            "errors": [{"source_id": sid, "category": error_category(text), "message": text}
+                       for sid, text in errors],
+            **{name: sum(r.counts[name] for r in runs) for name in RUN_COUNTS},
+            "invalid_by_reason": dict(invalid), "suspended": sweep[0], "lifted": sweep[1],
+            "source_statuses": [r.status() for r in runs]}
 
 
 class Collector:
@@ -1726,9 +1962,16 @@ class Collector:
         self.config, self.db = config, db
         self.clients = {s.source_id: ExporterClient(s, config.tokens[s.source_id], config.max_body_bytes)
                         for s in config.sources if s.mode == "pull"}
-        self.defaults = Pricing(config.initial_included_quota, config.price_per_byte, 1.0, config.source_revision)
+        self.defaults = Pricing(config.initial_included_quota, config.price_per_byte, ONE, config.source_revision)
         self._stop = threading.Event()
         self._thread = None
+        # Push outcomes and rejections are counted here and written with the next run's record, so a
+        # flood of bad pushes costs PostgreSQL nothing; the log says how many lines it left out.
+        self._pushes: collections.Counter = collections.Counter()  # (source_id, outcome) -> bodies
+        self._push_errors: dict = {}  # source_id -> (last rejection, when)
+        self._counts_lock = threading.Lock()
+        self._log_rejection = Throttled(config.secrets)
+        self._out_of_range: set = set()  # accounts already warned about
 
     # -- one job run --------------------------------------------------------
 
@@ -1739,26 +1982,41 @@ class Collector:
                 if s.mode == "pull" and (source_ids is None or s.source_id in source_ids)]
         result = summarize(job, started, runs, self.sweep(), idle=bool(enabled))
         if result["status"] == "busy" and wait == 0 and not (result["suspended"] or result["lifted"]):
+            self.flush()
             return result  # the collector thread found others at work, and the sweep had nothing to do: no news
         self._record(result, keep=result["status"] != "busy")
         log_event(self.config.secrets, "run", duration_seconds=round(time.monotonic() - clock, 3),
-                  **{k: v for k, v in result.items() if k not in ("source_statuses", "started_at", "finished_at")},
-                  sources=[{"source_id": r.source_id, "state": r.state, "error": r.error, "pages": r.pages}
+                  **{k: v for k, v in result.items() if k not in ("source_statuses", "started_at", "finished_at",
+                                                                  "errors")},
+                  sources=[{"source_id": r.source_id, "state": r.state, "error": r.error, "pages": r.pages,
+                            **({"unknown_accounts": sorted(r.unknown)[:UNKNOWN_LOGGED]} if r.unknown else {})}
                            for r in runs])
         return result
 
-    def _record(self, result: dict, keep: bool, pushed=()) -> None:
-        for source in result["source_statuses"]:
-            if source["already_billed"]:  # ledger ids already present: billed by the original service or others
-                log_event(self.config.secrets, "already_billed", source_id=source["source_id"],
-                          increments=source["already_billed"])
+    def _record(self, result: dict, keep: bool) -> None:
         try:
             with self.db.connection() as conn:
                 record_run(conn, result, keep)
-                for source_id in pushed:
-                    count_push(conn, source_id, "failed" if result["status"] == "error" else "applied")
         except psycopg2.Error as exc:
             log_event(self.config.secrets, "run_not_recorded", job=result["job"], error=db_error_text(exc))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the push counts and rejections gathered in memory (kept for the next try if that fails)."""
+        with self._counts_lock:
+            counts, errors, self._pushes, self._push_errors = self._pushes, self._push_errors, collections.Counter(), {}
+        if not counts and not errors:
+            return
+        try:
+            with self.db.connection() as conn:
+                if counts:
+                    add_push_totals(conn, counts)
+                for source_id, (error, when) in errors.items():
+                    write_sync_state(conn, source_id, error=error, attempted=when)
+        except psycopg2.Error:
+            with self._counts_lock:
+                self._pushes.update(counts)
+                self._push_errors = {**errors, **self._push_errors}
 
     def sweep(self) -> tuple[int, int]:
         """The arrears sweep that ends every run and push; a failure only logs (the next one repeats it)."""
@@ -1778,25 +2036,33 @@ class Collector:
                 deadline = time.monotonic() + wait
                 while not try_lock_source(conn, source.source_id):
                     if time.monotonic() >= deadline or self._stop.is_set():
-                        run.state = "busy"  # another writer has it: nothing done, nothing to say
+                        # Another writer has it: nothing done, nothing to say, unless it has held it
+                        # without moving the watermark for too long (stuck).
+                        held, idle = source_lock_holder(conn, source.source_id) or (0, 0)
+                        limit = 3 * (self.config.collect_interval or 60)
+                        run.state, run.error = ("partial", (
+                            f"busy: another writer has held this source for {held:.0f}s and not moved its "
+                            f"watermark for {idle:.0f}s (more than 3 x COLLECT_INTERVAL)")) if min(held, idle) > limit \
+                            else ("busy", "")
                         return run
                     time.sleep(0.2)
                 self._collect_locked(conn, source, window, run)
         except Exception as exc:  # one source's surprise never stops the others
-            self._fail(run, exc, [source.source_id])
+            self._fail(run, exc, [] if window else [source.source_id])
         return run
 
     def _fail(self, run: SourceRun, exc: Exception, source_ids) -> None:
-        """Record a failure on the sources' rows; their watermarks stay where they are."""
+        """Record a failure on the sources' rows (a ranged reconcile's on none: a normal run's error stays
+        until a normal run succeeds); their watermarks stay where they are."""
         if isinstance(exc, ExporterError):
-            error = str(exc)
+            error = f"{exc.category}: {exc}"
         elif isinstance(exc, psycopg2.errors.LockNotAvailable):
             error = "busy: another writer held the node or its accounts too long; the next run fills this in"
         elif isinstance(exc, psycopg2.Error):
             error = db_error_text(exc)
             log_event(self.config.secrets, "database_error", source_id=run.source_id, detail=str(exc).strip())
         else:
-            error = f"unexpected {type(exc).__name__}: {exc}"
+            error = f"internal: unexpected {type(exc).__name__}: {exc}"
         run.state, run.error = "failed", self.config.secrets.redact(error, 500)
         log_event(self.config.secrets, "source_failed", source_id=run.source_id, error=run.error)
         try:
@@ -1807,80 +2073,70 @@ class Collector:
             pass  # the database is what failed; the run result still says why
 
     def _collect_locked(self, conn, source: Source, window, run: SourceRun) -> None:
-        sid = source.source_id
-        mark = write_sync_state(conn, sid, attempted=utcnow())
+        sid, client = source.source_id, self.clients[source.source_id]
+        # A ranged reconcile replays the past on purpose: it never moves the watermark, nor touches its row.
+        start = None if window else write_sync_state(conn, sid, attempted=utcnow(), starting=True).last_completed_until
         until = window[1] if window else minute_floor(utcnow()) - MINUTE  # the last whole minute
-        since = window[0] if window else (mark.last_completed_until or until) - OVERLAP
-        client = self.clients[sid]
-        cursor, last_at, empty_pages, limit = "", None, 0, 1
-        # One page ahead, in a helper thread (the GIL is free while PostgreSQL works); pages apply in order.
-        ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ahead-{sid}")
-        try:
-            pending = ahead.submit(client.fetch, since, until, limit, cursor) if since <= until else None
-            while pending is not None:
-                page, pending, stop = pending.result(), None, ""
-                # Checked before the page is applied: a page that breaks the protocol is rejected whole.
+        since = window[0] if window else (start or until) - OVERLAP
+        # Pages come in time order, each applied in its own transaction with the watermark at its last
+        # snapshot. Pages that lie wholly inside the overlap (at or before the starting watermark) cost
+        # no budget, so a run stopped by MAX_PAGES_PER_RUN has always moved the watermark.
+        cursor, limit, budget, last_at, empty = "", 1, self.config.max_pages_per_run, None, 0
+        while since <= until:
+            body = client.fetch(since, until, limit, cursor)
+            run.pages += 1
+            with PAGE_SLOT:
+                page = parse_page(body, source, since, until)
+                del body
                 if page.has_more and page.next_cursor in ("", cursor):
                     raise ExporterError("protocol error: has_more without a new next_cursor")
-                run.pages += 1
-                run.invalid_samples += page.invalid_samples
-                empty_pages = 0 if page.snapshots else empty_pages + 1
-                if page.snapshots:  # pages of about PAGE_SAMPLE_TARGET samples
-                    per_snapshot = max(1, -(-page.sample_count // len(page.snapshots)))
-                    limit = max(1, min(MAX_PAGE_LIMIT, PAGE_SAMPLE_TARGET // per_snapshot))
-                if page.has_more:
-                    if empty_pages >= MAX_EMPTY_PAGES:
-                        raise ExporterError(f"protocol error: {empty_pages} empty pages in a row with has_more")
-                    if run.pages >= self.config.max_pages_per_run:
-                        stop = f"stopped after {run.pages} pages (MAX_PAGES_PER_RUN); the next run continues"
-                    elif self._stop.is_set():
-                        stop = "interrupted: the worker is stopping; the next run continues"
-                    else:  # the next page downloads and parses while this one is written
-                        cursor = page.next_cursor
-                        pending = ahead.submit(client.fetch, since, until, limit, cursor)
-                if page.snapshots:
-                    last_at = page.snapshots[-1].collected_at
+                newest = page.snapshots[-1].collected_at if page.snapshots else None
+                if newest is not None and last_at is not None and newest <= last_at:
+                    raise ExporterError("protocol error: a page did not move forward in time")
+                empty = 0 if page.snapshots else empty + 1
+                if page.has_more and empty >= MAX_EMPTY_PAGES:
+                    raise ExporterError(f"protocol error: {empty} empty pages in a row with has_more")
+                if page.snapshots:  # next pages of about PAGE_SAMPLE_TARGET samples
+                    last_at = newest
                     self.apply(conn, page, run, None if window else
                                lambda: write_sync_state(conn, sid, completed=last_at, commit=False))
-                if stop:
-                    run.state, run.error = "partial", stop
-                    break
-        finally:
-            ahead.shutdown(wait=False, cancel_futures=True)
-        # A ranged reconcile replays the past on purpose: it never moves the watermark.
+                    limit = max(1, min(MAX_PAGE_LIMIT, PAGE_SAMPLE_TARGET * len(page.snapshots)
+                                       // max(1, page.sample_count)))
+            if start is None or newest is None or newest > start:
+                budget -= 1
+            if not page.has_more:
+                break
+            if budget <= 0 or self._stop.is_set():
+                run.state, run.error = "partial", (
+                    f"page_limit: stopped after {run.pages} pages (MAX_PAGES_PER_RUN); the next run continues"
+                    if budget <= 0 else "interrupted: the worker is stopping; the next run continues")
+                break
+            cursor = page.next_cursor
         completed = None if window or run.state == "partial" else (
             last_at if last_at is not None and last_at < until else until)
-        run.watermark = write_sync_state(conn, sid, completed, None if run.state == "partial" else utcnow(), "")
+        run.watermark = (write_sync_state(conn, sid) if window else
+                         write_sync_state(conn, sid, completed, None if run.state == "partial" else utcnow(), ""))
 
     # -- one page transaction, pulled or pushed --------------------------------
 
     def apply(self, conn, page: Page, run: SourceRun, after=None, wait: float | None = None) -> None:
-        """One page, one transaction: its facts and its progress (``after``), or nothing."""
-        check = False
-        # A page over the sample target (one huge snapshot) is written with nothing parsed beside it.
-        with PAGE_SLOT, PARSE_SLOT if page.sample_count > PAGE_SAMPLE_TARGET else nullcontext():
-            for attempt in range(PAGE_ATTEMPTS):
-                try:
-                    metered, rated = self._rate_and_write(conn, page, wait, check)
-                    if after is not None:
-                        after()
-                    conn.commit()
-                    run.add(metered, rated)
-                    return
-                except (LedgerConflict, psycopg2.errors.DeadlockDetected,
-                        psycopg2.errors.SerializationFailure) as exc:
-                    conn.rollback()
-                    check = check or isinstance(exc, LedgerConflict)
-                    if attempt == PAGE_ATTEMPTS - 1:
-                        raise
+        """One page, one transaction: its facts and its progress (``after``), or nothing. Call it
+        holding PAGE_SLOT."""
+        metered, rated = self._rate_and_write(conn, page, wait)
+        if after is not None:
+            after()
+        conn.commit()
+        run.add(page, metered, rated)
+        for account in sorted(rated.out_of_range - self._out_of_range):
+            self._out_of_range.add(account)
+            log_event(self.config.secrets, "balance_out_of_exact_range", account=account,
+                      limit=str(self.config.quantum * EXACT_RANGE))
 
-    def _rate_and_write(self, conn, page: Page, wait: float | None, check: bool):
-        """Lock the page's nodes, read, rate, write (``check``: first look up ledger ids already there)."""
+    def _rate_and_write(self, conn, page: Page, wait: float | None):
+        """Lock the page's nodes, read, meter, rate, write."""
         snapshots, region = page.snapshots, self.config.region
         lock_nodes(conn, {snap.storage_node for snap in snapshots}, wait)
-        baseline = {snap.storage_node for snap in snapshots if snap.source and snap.source.first_sight == "baseline"}
-        reads = read_series(conn, page_series(snapshots), region, baseline, minute_floor(snapshots[0].collected_at))
-        metered = meter_page(snapshots, reads, region)
+        metered = meter_page(snapshots, read_series(conn, page_series(snapshots)), region)
         accounts = sorted({inc.account for inc in metered.increments})
         pricing, quota, billed = {}, {}, set()
         if accounts:
@@ -1889,17 +2145,53 @@ class Collector:
             # First sight of an account: its quota row starts from its pricing.
             quota = lock_quota_states(conn, {a: QuotaState(p.included_quota, self.config.initial_balance)
                                              for a, p in pricing.items()})
-            if check:
-                billed = billed_ids(conn, [inc.id for inc in metered.increments])
-        rated = rate_increments(metered.increments, pricing, quota, self.config.peak, billed)
-        write_page(conn, region, rated.buckets, rated.ledger, metered.checkpoints, rated.quota, metered.adopted)
+            billed = billed_ids(conn, [inc.id for inc in metered.increments])
+        rated = rate_increments(metered.increments, pricing, quota, self.config.peak, self.config.quantum, billed)
+        write_page(conn, region, rated.buckets, rated.ledger, metered.checkpoints, rated.quota, metered.dropped,
+                   metered.taken, metered.marks)
         return metered, rated
 
-    def ingest(self, page: Page) -> dict:
-        """A pushed body, applied whole in one transaction (with its sources' sync state), or not at all."""
+    # -- pushes ------------------------------------------------------------------
+
+    def reject(self, code: int, source_id: str, reason: str, remote_addr=None) -> tuple[int, dict]:
+        """A refused push: counted in memory, its log line rate-limited; nothing touches PostgreSQL."""
+        with self._counts_lock:
+            self._pushes[(source_id, "rejected")] += 1
+            if source_id:
+                self._push_errors[source_id] = (f"bad_page: push rejected: {reason}", utcnow())
+        self._log_rejection("push_rejected", (source_id, code), source_id=source_id, status=code, reason=reason,
+                            remote_addr=remote_addr)
+        return code, {"error": reason}
+
+    def ingest(self, body: bytes, ndjson: bool, sources, remote_addr=None) -> tuple[int, dict]:
+        """A pushed body, applied whole in one transaction (with its sources' sync state) or not at all;
+        the page slot is held for that alone, not for the sweep and the record after it."""
         started = utcnow()
+        if not PAGE_SLOT.acquire(timeout=BUSY_WAIT_SECONDS):
+            return 503, {"error": "busy: this worker is writing another page; push again"}
+        try:
+            run = self._ingest_locked(body, ndjson, sources, started, remote_addr)
+        finally:
+            PAGE_SLOT.release()
+        if isinstance(run, tuple):  # refused
+            return run
+        result = summarize("push", started, [run], self.sweep())
+        with self._counts_lock:
+            for source_id in run.source_id.split(","):
+                self._pushes[(source_id, "failed" if result["status"] == "error" else "applied")] += 1
+                if result["status"] != "error":  # this success is newer than any rejection still in memory
+                    self._push_errors.pop(source_id, None)
+        self._record(result, keep=False)
+        return 503 if result["status"] == "error" else 200, result
+
+    def _ingest_locked(self, body: bytes, ndjson: bool, sources, started: datetime, remote_addr):
+        owner = sources[0].source_id if len(sources) == 1 else ""  # a shared token cannot tell who sent it
+        try:
+            page = parse_push(body, ndjson, sources, started, self.config.push_max_age)
+        except ExporterError as exc:
+            return self.reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc), remote_addr)
         newest = {snap.source.source_id: snap.collected_at for snap in page.snapshots}  # in time order: the last wins
-        run = SourceRun(",".join(sorted(newest)), invalid_samples=page.invalid_samples)
+        run = SourceRun(",".join(sorted(newest)))
 
         def record_sources():
             for source_id, position in newest.items():
@@ -1909,9 +2201,7 @@ class Collector:
                 self.apply(conn, page, run, record_sources, wait=BUSY_WAIT_SECONDS)
         except Exception as exc:  # the pusher gets the reason; the next pull fills in
             self._fail(run, exc, sorted(newest))
-        result = summarize("push", started, [run], self.sweep())
-        self._record(result, keep=False, pushed=sorted(newest))
-        return result
+        return run
 
     # -- the background thread ------------------------------------------------
 
@@ -1926,6 +2216,7 @@ class Collector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.flush()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -1939,14 +2230,35 @@ class Collector:
             self._stop.wait(max(1.0, self.config.collect_interval - (time.monotonic() - begun)))
 
 
+def check_database(config: Config) -> None:
+    """Start-up: the grants the service needs (a ConfigError naming what is missing) and a price of zero
+    that nothing overrides (a warning). A database that does not answer yet is only logged."""
+    try:
+        with Database(config.database_url).connection(pooled=False) as conn:
+            missing, (priced, profiles) = missing_grants(conn), priced_profiles(conn)
+    except psycopg2.Error as exc:
+        log_event(config.secrets, "database_unchecked", error=db_error_text(exc))
+        return
+    if missing:
+        raise ConfigError(f"DATABASE_URL: the database role lacks {'; '.join(missing)} (README: Grants)")
+    if config.price_per_byte == 0 and not priced:
+        log_event(config.secrets, "config_warning", message=f"PRICE_PER_BYTE is 0 and none of the {profiles} "
+                  "billing profiles sets a price: every charge is 0")
+
+
+def announce(config: Config) -> None:
+    """Start-up: the effective configuration, one JSON line, and what looks like a mistake in it."""
+    log_event(config.secrets, "config", **effective_config(config))
+    for warning in config.warnings:
+        log_event(config.secrets, "config_warning", message=warning)
+
+
 def create_app(environ=None) -> flask.Flask:
     config = load_config(os.environ if environ is None else environ)
     db = Database(config.database_url)
     collector = Collector(config, db)
-    app = make_wsgi_app(config, db, collector.run, collector.ingest)
+    app = make_wsgi_app(config, db, utcnow(), collector.run, collector.ingest, collector.reject)
     app.extensions["billing_collector"] = collector
-    for warning in config.warnings:
-        log_event(config.secrets, "config_warning", message=warning)
     return app
 
 

@@ -74,8 +74,15 @@ CREATE TABLE IF NOT EXISTS public.account_quota_states (
 );
 
 -- When the balance went below zero (the bucket of the charge that crossed
--- zero); NULL when not in arrears, or in arrears since before this column.
+-- zero, or when the arrears sweep first saw a debt that rating did not make);
+-- NULL when not in arrears.
 ALTER TABLE public.account_quota_states ADD COLUMN IF NOT EXISTS arrears_since TIMESTAMPTZ NULL;
+
+-- true while a suspension is billing-service's (arrears): the sweep lifts only
+-- those. A suspension made by anyone else (every one older than this column
+-- included) is never touched.
+ALTER TABLE public.account_quota_states
+  ADD COLUMN IF NOT EXISTS suspended_by_billing BOOLEAN NOT NULL DEFAULT false;
 
 -- Read only for billing-service: accounts owns the pricing of each account.
 CREATE TABLE IF NOT EXISTS public.account_billing_profiles (
@@ -101,6 +108,10 @@ CREATE TABLE IF NOT EXISTS public.billing_source_sync_state (
   updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
+-- The watermark a source's current (or last) run started from: /v1/status
+-- shows a catch-up's progress and when it should be done.
+ALTER TABLE public.billing_source_sync_state ADD COLUMN IF NOT EXISTS run_from TIMESTAMPTZ NULL;
+
 CREATE INDEX IF NOT EXISTS idx_traffic_minute_buckets_account_bucket
   ON public.traffic_minute_buckets (account_uuid, bucket_start DESC);
 
@@ -108,6 +119,36 @@ CREATE INDEX IF NOT EXISTS idx_billing_ledger_account_created
   ON public.billing_ledger (account_uuid, created_at DESC);
 
 -- Tables billing-service alone owns ------------------------------------------
+
+-- The original (Go) service's checkpoints this service has not taken over yet:
+-- one per (storage node, account), under the plain key env:node, whatever the
+-- inbound. Recorded once, when this table is created, from every plain-key
+-- checkpoint then present (stop the original first); the first snapshot of
+-- each (node, account) after it decides, and removes the row (README: Taking
+-- over from the original service).
+DO $$
+BEGIN
+  IF to_regclass('public.billing_inherited_checkpoints') IS NULL THEN
+    CREATE TABLE public.billing_inherited_checkpoints (
+      node_id TEXT NOT NULL,
+      account_uuid UUID NOT NULL,
+      PRIMARY KEY (node_id, account_uuid)
+    );
+    INSERT INTO public.billing_inherited_checkpoints (node_id, account_uuid)
+    SELECT node_id, account_uuid FROM public.traffic_stat_checkpoints WHERE strpos(node_id, '#') = 0;
+  END IF;
+END
+$$;
+
+-- The newest snapshot applied of each storage node (env:node), whoever
+-- delivered it: an older snapshot only replays, it never starts a series, so
+-- the same snapshots bill the same however they are split into pages and
+-- pushes (an account whose users row appeared meanwhile starts at the next
+-- new snapshot, not at a re-read one).
+CREATE TABLE IF NOT EXISTS public.billing_node_marks (
+  node_id TEXT PRIMARY KEY,
+  last_snapshot_at TIMESTAMPTZ NOT NULL
+);
 
 -- One row per finished job run (by any worker, thread or host), so /v1/status
 -- and /healthz answer the same whichever worker is asked. Retention is
@@ -141,7 +182,13 @@ ALTER TABLE public.billing_job_totals
   ADD COLUMN IF NOT EXISTS counter_resets BIGINT NOT NULL DEFAULT 0,
   ADD COLUMN IF NOT EXISTS already_billed BIGINT NOT NULL DEFAULT 0,
   ADD COLUMN IF NOT EXISTS suspended BIGINT NOT NULL DEFAULT 0,
-  ADD COLUMN IF NOT EXISTS lifted BIGINT NOT NULL DEFAULT 0;
+  ADD COLUMN IF NOT EXISTS lifted BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS baselined BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS invalid_not_an_object BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS invalid_bad_counter BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS invalid_bad_uuid BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS invalid_bad_label BIGINT NOT NULL DEFAULT 0,
+  ADD COLUMN IF NOT EXISTS invalid_duplicate BIGINT NOT NULL DEFAULT 0;
 
 -- Pushed bodies by push source and outcome (applied, failed, rejected), for
 -- /metrics; source_id '' counts bodies whose token matched no push source.
