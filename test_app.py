@@ -726,6 +726,56 @@ def test_gunicorn_refuses_to_start_on_bad_config_naming_the_variable():
     assert "Traceback" not in done.stderr
 
 
+# gunicorn.conf.py run as a script: what systemd and local.sh start.
+LAUNCHER = [sys.executable, os.path.join(ROOT, "gunicorn.conf.py")]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("two", "WEB_CONCURRENCY: not a valid integer: 'two'"),
+    ("0", "WEB_CONCURRENCY: must be at least 1, got '0'"),
+    ("", "WEB_CONCURRENCY is set but empty (unset it to use the default)")])
+def test_the_launcher_refuses_a_bad_web_concurrency_in_one_line(value, message, tmp_path):
+    """gunicorn parses WEB_CONCURRENCY with int() when it is imported, before
+    it reads gunicorn.conf.py (a traceback); the launcher checks it first.
+    From any working directory."""
+    env = {"PATH": os.environ["PATH"], **base_env(WEB_CONCURRENCY=value, LISTEN_ADDR=f"127.0.0.1:{free_port()}")}
+    done = subprocess.run(LAUNCHER, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"billing-service: configuration error: {message}"], done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_the_launcher_becomes_gunicorn_in_its_own_process_and_passes_arguments_on(tmp_path):
+    """A valid configuration: the launcher execs gunicorn, so the process
+    systemd started (its main PID, Type=notify) is gunicorn's arbiter, run
+    from the code directory whatever the caller's; extra arguments reach it."""
+    env = {"PATH": os.environ["PATH"], **base_env(WEB_CONCURRENCY="1", COLLECT_INTERVAL="off")}
+    checked = subprocess.run([*LAUNCHER, "--check-config"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stderr  # gunicorn checked this config and loaded app:app
+    refused = subprocess.run([*LAUNCHER, "--no-such-option"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "unrecognized arguments: --no-such-option" in refused.stderr, refused.stderr
+    port = free_port()
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(LAUNCHER, cwd=tmp_path, env={**env, "LISTEN_ADDR": f"127.0.0.1:{port}"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def serving():
+            assert proc.poll() is None, log.read_text()
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/api/ping", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_for(serving, what="the launcher's gunicorn answering /api/ping")
+        assert f"[{proc.pid}] [INFO] Listening at: http://127.0.0.1:{port}" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)
+    assert proc.returncode == 0, log.read_text()
+
+
 def sources_env(**fields) -> dict:
     return base_env(EXPORTER_SOURCES_JSON=json.dumps([{"source_id": "edge-1", **fields}]))
 
@@ -4799,7 +4849,7 @@ def test_real_run_installs_a_service_that_starts_from_its_unit_then_changes_noth
     db.add_users(A)
     db.set_watermark("a", at(-5))
     argv, unit_env, cwd = unit_process(unit, env_text)
-    assert argv[0] == f"{prefix}/venv/bin/gunicorn"
+    assert argv == [f"{prefix}/venv/bin/python", f"{prefix}/app/gunicorn.conf.py"]  # the launcher
     log = open(tmp_path / "service.log", "w+")
     user = {"user": unit[("Service", "User")][0], "group": unit[("Service", "Group")][0], "extra_groups": []} \
         if IS_ROOT else {}
@@ -4842,7 +4892,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze is not installed")
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    os.symlink(os.path.join(VENV_BIN, "gunicorn"), venv / "bin" / "gunicorn")
+    os.symlink(sys.executable, venv / "bin" / "python")
     (tmp_path / "app").mkdir()
     (tmp_path / "billing-service.env").write_text("")
     me, my_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name

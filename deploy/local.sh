@@ -175,7 +175,8 @@ Ctrl-C stops gunicorn, the demo exporter and PostgreSQL.
 
 EOF
   cd "$ROOT"
-  "$VENV/bin/gunicorn" --config gunicorn.conf.py app:app &
+  # The launcher: checks the configuration (one line, exit 2), then becomes gunicorn.
+  "$PY" "$ROOT/gunicorn.conf.py" &
   pids+=($!)
   wait "${pids[-1]}"
 }
