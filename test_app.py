@@ -937,22 +937,72 @@ def runtime_closure(roots) -> dict:
     return found
 
 
-def test_requirements_pin_every_runtime_dependency_at_the_installed_version():
-    """requirements.txt pins (name==version) everything flask, psycopg2-binary,
-    requests and gunicorn pull in, transitively, at the version installed here."""
-    pins = {}
-    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as handle:
+def imported_distributions(*files) -> set:
+    """The installed distributions whose modules these files import (the
+    standard library and this repository's own modules left out)."""
+    import ast
+    providers, found = metadata.packages_distributions(), set()
+    for name in files:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for top in {module.split(".")[0] for module in modules}:
+                if top in sys.stdlib_module_names or top in ("app", "deploy", "__future__"):
+                    continue
+                assert top in providers, f"{name} imports {top}, which no installed distribution provides"
+                found.update(providers[top])
+    return found
+
+
+def requirement_pins(name: str) -> tuple[dict, list]:
+    """A requirements file's pins (canonical name -> version) and the files it includes (-r)."""
+    pins, includes = {}, []
+    with open(os.path.join(ROOT, name), encoding="utf-8") as handle:
         for line in handle:
             line = line.split("#", 1)[0].strip()
-            if line:
+            if line.startswith("-r "):
+                includes.append(line[3:].strip())
+            elif line:
                 match = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s;]+)", line)
-                assert match, f"not pinned as name==version: {line!r}"
+                assert match, f"{name}: not pinned as name==version: {line!r}"
+                assert canonicalize_name(match.group(1)) not in pins, f"{name}: {line!r} twice"
                 pins[canonicalize_name(match.group(1))] = match.group(2)
-    needed = runtime_closure(["flask", "psycopg2-binary", "requests", "gunicorn"])
+    return pins, includes
+
+
+def test_requirements_pin_every_runtime_dependency_at_the_installed_version():
+    """requirements.txt pins (name==version) exactly what app.py and
+    gunicorn.conf.py import, gunicorn and tzdata, and what those pull in,
+    transitively, at the version installed here: nothing more (hosts install
+    it). requirements-test.txt includes it and pins exactly what test_app.py
+    needs on top, likewise."""
+    runtime, runtime_includes = requirement_pins("requirements.txt")
+    test_only, test_includes = requirement_pins("requirements-test.txt")
+    assert (runtime_includes, test_includes) == ([], ["requirements.txt"])
+    assert runtime.keys() & test_only.keys() == set()
+
+    roots = imported_distributions("app.py", "gunicorn.conf.py") | {"gunicorn", "tzdata"}
+    assert {"flask", "psycopg2-binary", "requests"} <= {canonicalize_name(root) for root in roots}
+    needed = runtime_closure(roots)
     assert {"werkzeug", "jinja2", "markupsafe", "urllib3", "certifi", "idna"} <= needed.keys()
-    missing = sorted(name for name in needed if name not in pins)
-    assert missing == [], f"unpinned runtime dependencies: {missing}"
-    wrong = {name: (pins[name], version) for name, version in needed.items() if pins[name] != version}
+    assert sorted(needed.keys() - runtime.keys()) == [], "unpinned runtime dependencies"
+    assert sorted(runtime.keys() - needed.keys()) == [], "pinned in requirements.txt, but not needed at runtime"
+
+    test_needed = {name: version for name, version in runtime_closure(imported_distributions("test_app.py")).items()
+                   if name not in needed}
+    assert {"pytest", "hypothesis", "prometheus-client", "trustme", "cryptography"} <= test_needed.keys()
+    assert sorted(test_needed.keys() - test_only.keys()) == [], "unpinned test dependencies"
+    assert sorted(test_only.keys() - test_needed.keys()) == [], "pinned in requirements-test.txt, but not needed"
+
+    installed = {**needed, **test_needed}
+    wrong = {name: (version, installed[name]) for name, version in {**runtime, **test_only}.items()
+             if version != installed[name]}
     assert wrong == {}, f"pinned != installed: {wrong}"
 
 
@@ -4815,6 +4865,10 @@ def test_real_run_installs_a_service_that_starts_from_its_unit_then_changes_noth
         with open(os.path.join(ROOT, name), "rb") as want, open(f"{prefix}/app/{name}", "rb") as got:
             assert got.read() == want.read(), name
     assert os.access(f"{prefix}/venv/bin/gunicorn", os.X_OK)
+    # Runtime packages only: the host gets neither requirements-test.txt nor what it lists.
+    assert not os.path.exists(f"{prefix}/app/requirements-test.txt")
+    absent = subprocess.run([f"{prefix}/venv/bin/python", "-c", FIND_TEST_PACKAGES], capture_output=True, text=True)
+    assert absent.returncode == 0 and absent.stdout.split() == [], absent.stdout + absent.stderr
     env_path = f"{values['billing_config_dir']}/billing-service.env"
     info = os.stat(env_path)
     assert stat.S_IMODE(info.st_mode) == 0o600
@@ -4915,6 +4969,37 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
                       .replace(str(venv), "/nonexistent"))
     analyzed = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True)
     assert analyzed.returncode != 0 and "Unknown key" in analyzed.stderr and "/nonexistent" in analyzed.stderr
+
+
+# Prints the test-only packages a Python can import (none, on a host).
+FIND_TEST_PACKAGES = ("import importlib.util; print(*[name for name in ('pytest', 'hypothesis', 'trustme', "
+                      "'cryptography', 'prometheus_client') if importlib.util.find_spec(name)])")
+
+
+def test_a_virtualenv_from_requirements_txt_runs_the_service_without_the_test_packages(tmp_path):
+    """What a host installs (the playbook, README's steps): a fresh virtualenv
+    with requirements.txt imports app.py and runs gunicorn.conf.py (the
+    launcher checks the configuration and gunicorn loads app:app), and none
+    of the test-only packages is in it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                                os.path.join(ROOT, "requirements.txt")], capture_output=True, text=True, timeout=1200)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {"PATH": os.environ["PATH"], **base_env(WEB_CONCURRENCY="1", COLLECT_INTERVAL="off")}
+    imported = subprocess.run([python, "-c", "import app, flask, psycopg2, requests, gunicorn; print(app.__file__)"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == os.path.join(ROOT, "app.py")
+    checked = subprocess.run([python, os.path.join(ROOT, "gunicorn.conf.py"), "--check-config"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    absent = subprocess.run([python, "-c", FIND_TEST_PACKAGES], capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 0 and absent.stdout.split() == [], absent.stdout + absent.stderr
+    # ...while the suite's own virtualenv has them all: the probe finds what is there.
+    here = subprocess.run([sys.executable, "-c", FIND_TEST_PACKAGES], capture_output=True, text=True, timeout=60)
+    assert here.stdout.split() == ["pytest", "hypothesis", "trustme", "cryptography", "prometheus_client"]
 
 
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------

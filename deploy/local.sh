@@ -2,11 +2,13 @@
 # Local run, tests and benchmark of billing-service on a fresh machine of this
 # project's kind (Debian, Python 3, PostgreSQL server binaries), as root or not.
 #
-#   ./deploy/local.sh run      virtualenv, throwaway PostgreSQL under .local/,
-#                              schema + users stub + demo accounts, demo
-#                              exporter, gunicorn on :8081 (Ctrl-C stops all)
-#   ./deploy/local.sh test     virtualenv, then the whole pytest suite (its
-#                              fixtures start their own PostgreSQL through
+#   ./deploy/local.sh run      virtualenv (requirements.txt only), throwaway
+#                              PostgreSQL under .local/, schema + users stub +
+#                              demo accounts, demo exporter, gunicorn on :8081
+#                              (Ctrl-C stops all)
+#   ./deploy/local.sh test     virtualenv (requirements.txt, requirements-test.txt
+#                              and the Ansible tools), then the whole pytest suite
+#                              (its fixtures start their own PostgreSQL through
 #                              pg-start below); exit code is the suite's
 #   ./deploy/local.sh bench [--full]
 #                              the throughput benchmark (about a minute;
@@ -20,18 +22,30 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$ROOT/.venv
 PY=$VENV/bin/python
-# Test-only tools, kept out of requirements.txt (which the hosts install).
+# The deployment tests' tools, installed by `test` only (never on hosts).
 TEST_TOOLS=(ansible-core==2.19.14 ansible-lint==26.10.1)
 
 say() { printf 'local.sh: %s\n' "$*" >&2; }
 
+# .venv with the runtime packages (requirements.txt): all that `run` needs.
 ensure_venv() {
   local stamp=$VENV/.requirements
   if [ ! -x "$PY" ] || ! cmp -s "$ROOT/requirements.txt" "$stamp"; then
-    say "installing requirements into $VENV"
+    say "installing requirements.txt into $VENV"
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements.txt"
     cp "$ROOT/requirements.txt" "$stamp"
+  fi
+}
+
+# ...and the test-only packages (requirements-test.txt): `test` and `bench`.
+ensure_test_requirements() {
+  local stamp=$VENV/.requirements-test
+  ensure_venv
+  if ! cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" | cmp -s - "$stamp"; then
+    say "installing requirements-test.txt into $VENV"
+    "$PY" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-test.txt"
+    cat "$ROOT/requirements.txt" "$ROOT/requirements-test.txt" > "$stamp"
   fi
 }
 
@@ -182,14 +196,14 @@ EOF
 }
 
 cmd_test() {
-  ensure_venv
+  ensure_test_requirements
   ensure_test_tools
   cd "$ROOT"
   PATH=$VENV/bin:$PATH "$PY" -m pytest -q "$@" test_app.py
 }
 
 cmd_bench() {
-  ensure_venv
+  ensure_test_requirements
   cd "$ROOT"
   local full=0
   [ "${1:-}" = "--full" ] && full=1
