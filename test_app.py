@@ -5069,6 +5069,214 @@ def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
     shutil.rmtree(state, ignore_errors=True)
 
 
+LOCAL_SH = os.path.join(ROOT, "deploy", "local.sh")
+
+
+class LocalRun:
+    """./deploy/local.sh run with a state directory and ports of its own, in its
+    own session (so a test can Ctrl-C it like a terminal), output in a file."""
+
+    def __init__(self, **env):
+        self.state = tempfile.mkdtemp(prefix="billing-local-run-")
+        os.chmod(self.state, 0o755)
+        self.pg_port, self.exporter_port, self.http_port = free_port(), free_port(), free_port()
+        self.env = {key: value for key, value in os.environ.items() if key != "LISTEN_ADDR"}
+        self.env.update(BILLING_LOCAL_DIR=self.state, BILLING_PG_PORT=str(self.pg_port),
+                        BILLING_EXPORTER_PORT=str(self.exporter_port), LISTEN_ADDR=f"127.0.0.1:{self.http_port}")
+        self.env.update(env)
+        self.log_path = os.path.join(self.state, "run.log")
+        self.proc = None
+
+    def start(self) -> "LocalRun":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([LOCAL_SH, "run"], cwd=ROOT, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def serving(self) -> None:
+        def answers():
+            assert self.proc.poll() is None, self.log()
+            try:
+                return requests.get(f"http://127.0.0.1:{self.http_port}/api/ping", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_for(answers, timeout=120, what="local.sh run to serve")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"local.sh run still running after {timeout}s:\n{self.log()}") from None
+
+    def processes(self, name: bytes = b"") -> list:
+        """(pid, command line) of the processes this run started that are still
+        there: PostgreSQL's postmaster names the state directory on its command
+        line, gunicorn (and its workers) and the demo exporter in their
+        environment (BILLING_LOCAL_DIR)."""
+        found, state = [], self.state.encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    cmdline = handle.read().replace(b"\0", b" ")
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    environ = handle.read().split(b"\0")
+            except PermissionError:
+                environ = []
+            except OSError:  # gone meanwhile
+                continue
+            if (state in cmdline or b"BILLING_LOCAL_DIR=" + state in environ) and name in cmdline:
+                found.append((int(entry), cmdline.decode(errors="replace")))
+        return found
+
+    def leftovers(self) -> list:
+        """What is left of the run: processes, ports that still answer, PostgreSQL's lock file."""
+        left = [f"process {pid}: {cmdline}" for pid, cmdline in self.processes()]
+        for port in (self.pg_port, self.exporter_port, self.http_port):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    left.append(f"127.0.0.1:{port} answers")
+        if os.path.exists(os.path.join(self.state, "pg", "data", "postmaster.pid")):
+            left.append("pg/data/postmaster.pid")
+        return left
+
+    def close(self) -> None:
+        """Whatever a failed test left: the session killed, the cluster stopped."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        subprocess.run([LOCAL_SH, "pg-stop", os.path.join(self.state, "pg")], capture_output=True, check=False)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def test_local_run_with_the_http_port_taken_exits_naming_it_and_leaves_nothing_running():
+    """The port is checked before anything starts (gunicorn alone would retry
+    for 5 s, then leave PostgreSQL and the exporter running): exit status 1,
+    the address and the variable to change named, nothing left."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    run = LocalRun(LISTEN_ADDR=f"127.0.0.1:{taken.getsockname()[1]}")
+    run.http_port = taken.getsockname()[1]
+    try:
+        started = time.monotonic()
+        status = run.start().wait(timeout=60)
+        took = time.monotonic() - started
+        log = run.log()
+        assert status == 1, log
+        assert f"local.sh: 127.0.0.1:{run.http_port} (the service, LISTEN_ADDR) is already in use: stop what " \
+               "listens there or set LISTEN_ADDR=127.0.0.1:PORT" in log
+        assert took < 30, f"took {took:.1f}s"
+        assert "database ready" not in log and "Traceback" not in log  # refused before starting anything
+        taken.close()  # the port is free again: nothing of the run may answer on it
+        assert run.leftovers() == []
+    finally:
+        taken.close()
+        run.close()
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def kill_demo_exporter(run: LocalRun) -> None:
+    (pid, _), = run.processes(b"demo_exporter.py")
+    os.kill(pid, signal.SIGKILL)
+
+
+def kill_postgres(run: LocalRun) -> None:
+    with open(os.path.join(run.state, "pg", "data", "postmaster.pid")) as handle:
+        os.kill(int(handle.readline()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("part, env, crash, message", [
+    ("gunicorn", {"WEB_CONCURRENCY": "two"}, None, "local.sh: gunicorn exited on its own (status 2;"),
+    ("demo exporter", {}, kill_demo_exporter, "local.sh: the demo exporter exited on its own (killed by signal 9;"),
+    ("PostgreSQL", {}, kill_postgres, "local.sh: PostgreSQL exited on its own (log: "),
+], ids=["gunicorn", "demo-exporter", "postgresql"])
+def test_local_run_stops_everything_when_one_part_exits_on_its_own(part, env, crash, message):
+    """gunicorn (here: a configuration error), the demo exporter or
+    PostgreSQL ending on its own ends the run within seconds: exit status 1,
+    the reason, and the other two stopped (a killed PostgreSQL's lock file
+    removed, so the next run starts)."""
+    run = LocalRun(**env).start()
+    try:
+        if crash is None:
+            status = run.wait(timeout=120)
+        else:
+            run.serving()
+            crash(run)
+            crashed = time.monotonic()
+            status = run.wait(timeout=60)
+            assert time.monotonic() - crashed < 20, run.log()
+        log = run.log()
+        assert status == 1, log
+        assert "database ready" in log and "demo exporter: 5 accounts" in log  # all three had been started
+        assert message in log and "stopping the rest" in log, log
+        if part == "gunicorn":
+            assert "billing-service: configuration error: WEB_CONCURRENCY: not a valid integer: 'two'" in log
+            assert "Traceback" not in log
+        assert log.rstrip().endswith(f"local.sh: stopped (data kept in {run.state}; rm -rf it to start over)"), log
+        assert run.leftovers() == []
+    finally:
+        run.close()
+
+
+def test_local_run_names_pg_stop_for_a_live_postgres_and_recovers_a_stale_postmaster_pid():
+    """A run killed with SIGKILL leaves its PostgreSQL running (pg_ctl gives it
+    a session of its own): the next run leaves it alone (it may be another
+    run's) and names the command that stops it. After a reboot the lock
+    file's PID may belong to another process of PostgreSQL's user, which
+    PostgreSQL itself takes for a live server: run removes such a stale file."""
+    run = LocalRun()
+    pg_dir = os.path.join(run.state, "pg")
+    lock_path = os.path.join(pg_dir, "data", "postmaster.pid")
+    decoy = None
+    try:
+        subprocess.run([LOCAL_SH, "pg-start", pg_dir, str(run.pg_port)], check=True, capture_output=True)
+        with open(lock_path) as handle:
+            lock = handle.read()
+        postmaster = int(lock.split("\n", 1)[0])
+        status = run.start().wait(timeout=60)
+        log = run.log()
+        assert status == 1, log
+        command = f"{LOCAL_SH} pg-stop {pg_dir}"
+        assert f"local.sh: PostgreSQL (PID {postmaster}) is still running in {pg_dir}" in log
+        assert f"local.sh: stop it with: {command}\n" in log
+        assert not process_gone(postmaster) and os.path.exists(lock_path)  # left alone
+        stopped = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not os.path.exists(lock_path)
+        wait_for(lambda: process_gone(postmaster), timeout=10, what=f"PostgreSQL (PID {postmaster}) to exit")
+
+        pg_user = ("postgres" if user_exists("postgres") else "nobody") if IS_ROOT else None  # local.sh's choice
+        decoy = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd="/", user=pg_user)
+        with open(lock_path, "w") as handle:
+            handle.write(f"{decoy.pid}\n" + lock.split("\n", 1)[1])
+        run.start().serving()
+        assert f"local.sh: removed the stale {lock_path} (no PostgreSQL holds it" in run.log()
+        os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl-C
+        assert run.wait(timeout=60) == 130, run.log()
+        assert "stopped (data kept in" in run.log()
+        assert run.leftovers() == []
+        assert decoy.poll() is None  # never touched
+    finally:
+        if decoy is not None:
+            decoy.stdin.close()
+            decoy.wait(timeout=10)
+        run.close()
+
+
 def test_no_tracked_file_points_outside_the_repository():
     """No file git tracks points at the spec or the docs that live outside
     this repository: it is read and used on its own."""
