@@ -4958,6 +4958,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
                      "-e", json.dumps(template_vars), "-m", "ansible.builtin.template",
                      "-a", f"src={DEPLOY}/billing-service.service.j2 dest={rendered} mode=0644"])
     assert done.returncode == 0, done.output
+    # deploy/render_examples.py renders exactly as Ansible does (the plain unit is made with it).
+    assert rendered.read_text() == render_examples.render("billing-service.service.j2", template_vars)
     analyzed = subprocess.run([analyze, "verify", str(rendered)], capture_output=True, text=True)
     # Lines about other units of this host (its own unit files) are not ours to judge.
     ours = [line for line in analyzed.stderr.splitlines() if "billing-service" in line]
@@ -5000,6 +5002,46 @@ def test_a_virtualenv_from_requirements_txt_runs_the_service_without_the_test_pa
     # ...while the suite's own virtualenv has them all: the probe finds what is there.
     here = subprocess.run([sys.executable, "-c", FIND_TEST_PACKAGES], capture_output=True, text=True, timeout=60)
     assert here.stdout.split() == ["pytest", "hypothesis", "trustme", "cryptography", "prometheus_client"]
+
+
+from deploy import render_examples  # noqa: E402  (the plain env file and unit for installs without Ansible)
+
+
+@pytest.mark.parametrize("name", sorted(render_examples.EXAMPLES))
+def test_plain_env_file_and_unit_are_the_templates_rendered_with_the_example_values(name, tmp_path):
+    """deploy/billing-service.env.example and deploy/billing-service.service
+    are, byte for byte, the playbook's templates rendered with the example
+    values (/opt/billing-service, user billing-service, ...), and that
+    rendering is Ansible's own (its template module, same values)."""
+    template, values, _ = render_examples.EXAMPLES[name]
+    path = os.path.join(DEPLOY, name)
+    with open(path, "rb") as handle:
+        assert handle.read() == render_examples.rendered()[path].encode(), \
+            f"{name} is out of date: run .venv/bin/python deploy/render_examples.py"
+    by_ansible = tmp_path / name
+    done = run_tool([tool("ansible"), "localhost", "-c", "local", "-i", "localhost,",
+                     "-e", f"ansible_python_interpreter={sys.executable}", "-e", json.dumps(values),
+                     "-m", "ansible.builtin.template", "-a", f"src={DEPLOY}/{template} dest={by_ansible}"])
+    assert done.returncode == 0, done.output
+    assert by_ansible.read_text() == render_examples.render(template, values)
+
+
+def test_plain_env_file_and_unit_fit_together_and_the_example_token_is_refused():
+    with open(os.path.join(DEPLOY, "billing-service.service")) as handle:
+        unit = parse_unit(handle.read())
+    assert unit[("Service", "ExecStart")] == ["/opt/billing-service/venv/bin/python "
+                                              "/opt/billing-service/app/gunicorn.conf.py"]
+    assert unit[("Service", "WorkingDirectory")] == ["/opt/billing-service/app"]
+    assert unit[("Service", "User")] == unit[("Service", "Group")] == ["billing-service"]
+    assert unit[("Service", "EnvironmentFile")] == ["/etc/billing-service/billing-service.env"]
+    with open(os.path.join(DEPLOY, "billing-service.env.example")) as handle:
+        example = parse_env_file(handle.read())
+    # Copied as is, the service refuses to start: the token placeholder is too short.
+    with pytest.raises(billing.ConfigError, match="INTERNAL_SERVICE_TOKEN"):
+        billing.load_config(example)
+    # With a token, the rest is a valid configuration (the playbook's defaults).
+    config = billing.load_config({**example, "INTERNAL_SERVICE_TOKEN": TOKEN})
+    assert [s.source_id for s in config.sources] == ["jp-xhttp-contabo"] and config.listen_addr == "0.0.0.0:8081"
 
 
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
