@@ -5319,6 +5319,16 @@ def test_local_run_names_pg_stop_for_a_live_postgres_and_recovers_a_stale_postma
         run.close()
 
 
+def test_ci_runs_exactly_the_quick_start_test_command():
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as handle:
+        commands = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    assert commands[-1] == "exec ./deploy/local.sh test", commands
+    assert os.access(os.path.join(ROOT, ".ci", "run"), os.X_OK)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        quick_start = handle.read().split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    assert "\n./deploy/local.sh test   # the whole test suite, as CI runs it (.ci/run)\n" in quick_start
+
+
 def test_no_tracked_file_points_outside_the_repository():
     """No file git tracks points at the spec or the docs that live outside
     this repository: it is read and used on its own."""
