@@ -1,4 +1,14 @@
-"""gunicorn settings for billing-service: gunicorn --config gunicorn.conf.py app:app
+"""gunicorn settings for billing-service, and its launcher.
+
+    python gunicorn.conf.py [GUNICORN OPTIONS]           # the launcher (systemd, local.sh)
+    gunicorn --config gunicorn.conf.py app:app           # plain gunicorn works too
+
+Run as a script, this file checks the configuration first (a bad value is one
+line naming the variable, exit status 2) and then replaces itself with
+``python -m gunicorn --config <this file> app:app`` (same process, so systemd's
+main PID is gunicorn's arbiter). The launcher exists because gunicorn parses
+WEB_CONCURRENCY with int() when it is imported, before it reads this file: under
+plain gunicorn, WEB_CONCURRENCY=two is a traceback, not a configuration error.
 
 Each worker runs one collector thread, started after fork (threads do not
 survive fork) and stopped when the worker exits. PostgreSQL advisory locks
@@ -11,8 +21,9 @@ import sys
 import app as billing
 
 try:
-    _config = billing.load_config(os.environ)
+    # WEB_CONCURRENCY first: it is the one gunicorn itself trips over.
     workers = billing._number(os.environ, "WEB_CONCURRENCY", 2, int, minimum=1)
+    _config = billing.load_config(os.environ)
 except billing.ConfigError as exc:
     # Fail before any worker forks, with the variable named and no traceback.
     print(f"billing-service: configuration error: {exc}", file=sys.stderr)
@@ -49,3 +60,13 @@ def worker_exit(server, worker):
     collector = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("billing_collector")
     if collector is not None:
         collector.stop(timeout=graceful_timeout - 5)
+
+
+if __name__ == "__main__":
+    # The configuration is valid (checked above): become gunicorn, with this
+    # file as its configuration, from its directory (where app.py is), whatever
+    # the caller's. Extra arguments pass through (for example --check-config).
+    _here = os.path.abspath(__file__)
+    os.chdir(os.path.dirname(_here))
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "gunicorn", "--config", _here, "app:app", *sys.argv[1:]])

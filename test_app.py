@@ -737,6 +737,56 @@ def test_gunicorn_refuses_to_start_on_bad_config_naming_the_variable():
     assert "Traceback" not in done.stderr
 
 
+# gunicorn.conf.py run as a script: what systemd and local.sh start.
+LAUNCHER = [sys.executable, os.path.join(ROOT, "gunicorn.conf.py")]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("two", "WEB_CONCURRENCY: not a valid integer: 'two'"),
+    ("0", "WEB_CONCURRENCY: must be at least 1, got '0'"),
+    ("", "WEB_CONCURRENCY is set but empty (unset it to use the default)")])
+def test_the_launcher_refuses_a_bad_web_concurrency_in_one_line(value, message, tmp_path):
+    """gunicorn parses WEB_CONCURRENCY with int() when it is imported, before
+    it reads gunicorn.conf.py (a traceback); the launcher checks it first.
+    From any working directory."""
+    env = {"PATH": os.environ["PATH"], **base_env(WEB_CONCURRENCY=value, LISTEN_ADDR=f"127.0.0.1:{free_port()}")}
+    done = subprocess.run(LAUNCHER, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"billing-service: configuration error: {message}"], done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_the_launcher_becomes_gunicorn_in_its_own_process_and_passes_arguments_on(tmp_path):
+    """A valid configuration: the launcher execs gunicorn, so the process
+    systemd started (its main PID, Type=notify) is gunicorn's arbiter, run
+    from the code directory whatever the caller's; extra arguments reach it."""
+    env = {"PATH": os.environ["PATH"], **base_env(WEB_CONCURRENCY="1", COLLECT_INTERVAL="off")}
+    checked = subprocess.run([*LAUNCHER, "--check-config"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stderr  # gunicorn checked this config and loaded app:app
+    refused = subprocess.run([*LAUNCHER, "--no-such-option"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "unrecognized arguments: --no-such-option" in refused.stderr, refused.stderr
+    port = free_port()
+    log = tmp_path / "launcher.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(LAUNCHER, cwd=tmp_path, env={**env, "LISTEN_ADDR": f"127.0.0.1:{port}"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def serving():
+            assert proc.poll() is None, log.read_text()
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/api/ping", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_for(serving, what="the launcher's gunicorn answering /api/ping")
+        assert f"[{proc.pid}] [INFO] Listening at: http://127.0.0.1:{port}" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=40)
+    assert proc.returncode == 0, log.read_text()
+
+
 def sources_env(**fields) -> dict:
     return base_env(EXPORTER_SOURCES_JSON=json.dumps([{"source_id": "edge-1", **fields}]))
 
@@ -898,22 +948,72 @@ def runtime_closure(roots) -> dict:
     return found
 
 
-def test_requirements_pin_every_runtime_dependency_at_the_installed_version():
-    """requirements.txt pins (name==version) everything flask, psycopg2-binary,
-    requests and gunicorn pull in, transitively, at the version installed here."""
-    pins = {}
-    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as handle:
+def imported_distributions(*files) -> set:
+    """The installed distributions whose modules these files import (the
+    standard library and this repository's own modules left out)."""
+    import ast
+    providers, found = metadata.packages_distributions(), set()
+    for name in files:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for top in {module.split(".")[0] for module in modules}:
+                if top in sys.stdlib_module_names or top in ("app", "deploy", "__future__"):
+                    continue
+                assert top in providers, f"{name} imports {top}, which no installed distribution provides"
+                found.update(providers[top])
+    return found
+
+
+def requirement_pins(name: str) -> tuple[dict, list]:
+    """A requirements file's pins (canonical name -> version) and the files it includes (-r)."""
+    pins, includes = {}, []
+    with open(os.path.join(ROOT, name), encoding="utf-8") as handle:
         for line in handle:
             line = line.split("#", 1)[0].strip()
-            if line:
+            if line.startswith("-r "):
+                includes.append(line[3:].strip())
+            elif line:
                 match = re.fullmatch(r"([A-Za-z0-9._-]+)==([^\s;]+)", line)
-                assert match, f"not pinned as name==version: {line!r}"
+                assert match, f"{name}: not pinned as name==version: {line!r}"
+                assert canonicalize_name(match.group(1)) not in pins, f"{name}: {line!r} twice"
                 pins[canonicalize_name(match.group(1))] = match.group(2)
-    needed = runtime_closure(["flask", "psycopg2-binary", "requests", "gunicorn"])
+    return pins, includes
+
+
+def test_requirements_pin_every_runtime_dependency_at_the_installed_version():
+    """requirements.txt pins (name==version) exactly what app.py and
+    gunicorn.conf.py import, gunicorn and tzdata, and what those pull in,
+    transitively, at the version installed here: nothing more (hosts install
+    it). requirements-test.txt includes it and pins exactly what test_app.py
+    needs on top, likewise."""
+    runtime, runtime_includes = requirement_pins("requirements.txt")
+    test_only, test_includes = requirement_pins("requirements-test.txt")
+    assert (runtime_includes, test_includes) == ([], ["requirements.txt"])
+    assert runtime.keys() & test_only.keys() == set()
+
+    roots = imported_distributions("app.py", "gunicorn.conf.py") | {"gunicorn", "tzdata"}
+    assert {"flask", "psycopg2-binary", "requests"} <= {canonicalize_name(root) for root in roots}
+    needed = runtime_closure(roots)
     assert {"werkzeug", "jinja2", "markupsafe", "urllib3", "certifi", "idna"} <= needed.keys()
-    missing = sorted(name for name in needed if name not in pins)
-    assert missing == [], f"unpinned runtime dependencies: {missing}"
-    wrong = {name: (pins[name], version) for name, version in needed.items() if pins[name] != version}
+    assert sorted(needed.keys() - runtime.keys()) == [], "unpinned runtime dependencies"
+    assert sorted(runtime.keys() - needed.keys()) == [], "pinned in requirements.txt, but not needed at runtime"
+
+    test_needed = {name: version for name, version in runtime_closure(imported_distributions("test_app.py")).items()
+                   if name not in needed}
+    assert {"pytest", "hypothesis", "prometheus-client", "trustme", "cryptography"} <= test_needed.keys()
+    assert sorted(test_needed.keys() - test_only.keys()) == [], "unpinned test dependencies"
+    assert sorted(test_only.keys() - test_needed.keys()) == [], "pinned in requirements-test.txt, but not needed"
+
+    installed = {**needed, **test_needed}
+    wrong = {name: (version, installed[name]) for name, version in {**runtime, **test_only}.items()
+             if version != installed[name]}
     assert wrong == {}, f"pinned != installed: {wrong}"
 
 
@@ -5255,6 +5355,10 @@ def test_real_run_installs_a_service_that_starts_from_its_unit_then_changes_noth
         with open(os.path.join(ROOT, name), "rb") as want, open(f"{prefix}/app/{name}", "rb") as got:
             assert got.read() == want.read(), name
     assert os.access(f"{prefix}/venv/bin/gunicorn", os.X_OK)
+    # Runtime packages only: the host gets neither requirements-test.txt nor what it lists.
+    assert not os.path.exists(f"{prefix}/app/requirements-test.txt")
+    absent = subprocess.run([f"{prefix}/venv/bin/python", "-c", FIND_TEST_PACKAGES], capture_output=True, text=True)
+    assert absent.returncode == 0 and absent.stdout.split() == [], absent.stdout + absent.stderr
     env_path = f"{values['billing_config_dir']}/billing-service.env"
     info = os.stat(env_path)
     assert stat.S_IMODE(info.st_mode) == 0o600
@@ -5289,7 +5393,7 @@ def test_real_run_installs_a_service_that_starts_from_its_unit_then_changes_noth
     db.add_users(A)
     db.set_watermark("a", at(-5))
     argv, unit_env, cwd = unit_process(unit, env_text)
-    assert argv[0] == f"{prefix}/venv/bin/gunicorn"
+    assert argv == [f"{prefix}/venv/bin/python", f"{prefix}/app/gunicorn.conf.py"]  # the launcher
     log = open(tmp_path / "service.log", "w+")
     user = {"user": unit[("Service", "User")][0], "group": unit[("Service", "Group")][0], "extra_groups": []} \
         if IS_ROOT else {}
@@ -5332,7 +5436,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
         pytest.skip("systemd-analyze is not installed")
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    os.symlink(os.path.join(VENV_BIN, "gunicorn"), venv / "bin" / "gunicorn")
+    os.symlink(sys.executable, venv / "bin" / "python")
     (tmp_path / "app").mkdir()
     (tmp_path / "billing-service.env").write_text("")
     me, my_group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
@@ -5344,6 +5448,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
                      "-e", json.dumps(template_vars), "-m", "ansible.builtin.template",
                      "-a", f"src={DEPLOY}/billing-service.service.j2 dest={rendered} mode=0644"])
     assert done.returncode == 0, done.output
+    # deploy/render_examples.py renders exactly as Ansible does (the plain unit is made with it).
+    assert rendered.read_text() == render_examples.render("billing-service.service.j2", template_vars)
     analyzed = subprocess.run([analyze, "verify", str(rendered)], capture_output=True, text=True)
     # Lines about other units of this host (its own unit files) are not ours to judge.
     ours = [line for line in analyzed.stderr.splitlines() if "billing-service" in line]
@@ -5355,6 +5461,77 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
                       .replace(str(venv), "/nonexistent"))
     analyzed = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True)
     assert analyzed.returncode != 0 and "Unknown key" in analyzed.stderr and "/nonexistent" in analyzed.stderr
+
+
+# Prints the test-only packages a Python can import (none, on a host).
+FIND_TEST_PACKAGES = ("import importlib.util; print(*[name for name in ('pytest', 'hypothesis', 'trustme', "
+                      "'cryptography', 'prometheus_client') if importlib.util.find_spec(name)])")
+
+
+def test_a_virtualenv_from_requirements_txt_runs_the_service_without_the_test_packages(tmp_path):
+    """What a host installs (the playbook, README's steps): a fresh virtualenv
+    with requirements.txt imports app.py and runs gunicorn.conf.py (the
+    launcher checks the configuration and gunicorn loads app:app), and none
+    of the test-only packages is in it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                                os.path.join(ROOT, "requirements.txt")], capture_output=True, text=True, timeout=1200)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {"PATH": os.environ["PATH"], **base_env(WEB_CONCURRENCY="1", COLLECT_INTERVAL="off")}
+    imported = subprocess.run([python, "-c", "import app, flask, psycopg2, requests, gunicorn; print(app.__file__)"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == os.path.join(ROOT, "app.py")
+    checked = subprocess.run([python, os.path.join(ROOT, "gunicorn.conf.py"), "--check-config"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    absent = subprocess.run([python, "-c", FIND_TEST_PACKAGES], capture_output=True, text=True, timeout=60)
+    assert absent.returncode == 0 and absent.stdout.split() == [], absent.stdout + absent.stderr
+    # ...while the suite's own virtualenv has them all: the probe finds what is there.
+    here = subprocess.run([sys.executable, "-c", FIND_TEST_PACKAGES], capture_output=True, text=True, timeout=60)
+    assert here.stdout.split() == ["pytest", "hypothesis", "trustme", "cryptography", "prometheus_client"]
+
+
+from deploy import render_examples  # noqa: E402  (the plain env file and unit for installs without Ansible)
+
+
+@pytest.mark.parametrize("name", sorted(render_examples.EXAMPLES))
+def test_plain_env_file_and_unit_are_the_templates_rendered_with_the_example_values(name, tmp_path):
+    """deploy/billing-service.env.example and deploy/billing-service.service
+    are, byte for byte, the playbook's templates rendered with the example
+    values (/opt/billing-service, user billing-service, ...), and that
+    rendering is Ansible's own (its template module, same values)."""
+    template, values, _ = render_examples.EXAMPLES[name]
+    path = os.path.join(DEPLOY, name)
+    with open(path, "rb") as handle:
+        assert handle.read() == render_examples.rendered()[path].encode(), \
+            f"{name} is out of date: run .venv/bin/python deploy/render_examples.py"
+    by_ansible = tmp_path / name
+    done = run_tool([tool("ansible"), "localhost", "-c", "local", "-i", "localhost,",
+                     "-e", f"ansible_python_interpreter={sys.executable}", "-e", json.dumps(values),
+                     "-m", "ansible.builtin.template", "-a", f"src={DEPLOY}/{template} dest={by_ansible}"])
+    assert done.returncode == 0, done.output
+    assert by_ansible.read_text() == render_examples.render(template, values)
+
+
+def test_plain_env_file_and_unit_fit_together_and_the_example_token_is_refused():
+    with open(os.path.join(DEPLOY, "billing-service.service")) as handle:
+        unit = parse_unit(handle.read())
+    assert unit[("Service", "ExecStart")] == ["/opt/billing-service/venv/bin/python "
+                                              "/opt/billing-service/app/gunicorn.conf.py"]
+    assert unit[("Service", "WorkingDirectory")] == ["/opt/billing-service/app"]
+    assert unit[("Service", "User")] == unit[("Service", "Group")] == ["billing-service"]
+    assert unit[("Service", "EnvironmentFile")] == ["/etc/billing-service/billing-service.env"]
+    with open(os.path.join(DEPLOY, "billing-service.env.example")) as handle:
+        example = parse_env_file(handle.read())
+    # Copied as is, the service refuses to start: the token placeholder is too short.
+    with pytest.raises(billing.ConfigError, match="INTERNAL_SERVICE_TOKEN"):
+        billing.load_config(example)
+    # With a token, the rest is a valid configuration (the playbook's defaults).
+    config = billing.load_config({**example, "INTERNAL_SERVICE_TOKEN": TOKEN})
+    assert [s.source_id for s in config.sources] == ["jp-xhttp-contabo"] and config.listen_addr == "0.0.0.0:8081"
 
 
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
@@ -5422,6 +5599,224 @@ def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
             requests.get(f"http://127.0.0.1:{port}/", timeout=2)
     assert "stopped" in log_text()
     shutil.rmtree(state, ignore_errors=True)
+
+
+LOCAL_SH = os.path.join(ROOT, "deploy", "local.sh")
+
+
+class LocalRun:
+    """./deploy/local.sh run with a state directory and ports of its own, in its
+    own session (so a test can Ctrl-C it like a terminal), output in a file."""
+
+    def __init__(self, **env):
+        self.state = tempfile.mkdtemp(prefix="billing-local-run-")
+        os.chmod(self.state, 0o755)
+        self.pg_port, self.exporter_port, self.http_port = free_port(), free_port(), free_port()
+        self.env = {key: value for key, value in os.environ.items() if key != "LISTEN_ADDR"}
+        self.env.update(BILLING_LOCAL_DIR=self.state, BILLING_PG_PORT=str(self.pg_port),
+                        BILLING_EXPORTER_PORT=str(self.exporter_port), LISTEN_ADDR=f"127.0.0.1:{self.http_port}")
+        self.env.update(env)
+        self.log_path = os.path.join(self.state, "run.log")
+        self.proc = None
+
+    def start(self) -> "LocalRun":
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([LOCAL_SH, "run"], cwd=ROOT, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def serving(self) -> None:
+        def answers():
+            assert self.proc.poll() is None, self.log()
+            try:
+                return requests.get(f"http://127.0.0.1:{self.http_port}/api/ping", timeout=2).status_code == 200
+            except requests.ConnectionError:
+                return False
+        wait_for(answers, timeout=120, what="local.sh run to serve")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"local.sh run still running after {timeout}s:\n{self.log()}") from None
+
+    def processes(self, name: bytes = b"") -> list:
+        """(pid, command line) of the processes this run started that are still
+        there: PostgreSQL's postmaster names the state directory on its command
+        line, gunicorn (and its workers) and the demo exporter in their
+        environment (BILLING_LOCAL_DIR)."""
+        found, state = [], self.state.encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    cmdline = handle.read().replace(b"\0", b" ")
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    environ = handle.read().split(b"\0")
+            except PermissionError:
+                environ = []
+            except OSError:  # gone meanwhile
+                continue
+            if (state in cmdline or b"BILLING_LOCAL_DIR=" + state in environ) and name in cmdline:
+                found.append((int(entry), cmdline.decode(errors="replace")))
+        return found
+
+    def leftovers(self) -> list:
+        """What is left of the run: processes, ports that still answer, PostgreSQL's lock file."""
+        left = [f"process {pid}: {cmdline}" for pid, cmdline in self.processes()]
+        for port in (self.pg_port, self.exporter_port, self.http_port):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    left.append(f"127.0.0.1:{port} answers")
+        if os.path.exists(os.path.join(self.state, "pg", "data", "postmaster.pid")):
+            left.append("pg/data/postmaster.pid")
+        return left
+
+    def close(self) -> None:
+        """Whatever a failed test left: the session killed, the cluster stopped."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        subprocess.run([LOCAL_SH, "pg-stop", os.path.join(self.state, "pg")], capture_output=True, check=False)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+
+def test_local_run_with_the_http_port_taken_exits_naming_it_and_leaves_nothing_running():
+    """The port is checked before anything starts (gunicorn alone would retry
+    for 5 s, then leave PostgreSQL and the exporter running): exit status 1,
+    the address and the variable to change named, nothing left."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    run = LocalRun(LISTEN_ADDR=f"127.0.0.1:{taken.getsockname()[1]}")
+    run.http_port = taken.getsockname()[1]
+    try:
+        started = time.monotonic()
+        status = run.start().wait(timeout=60)
+        took = time.monotonic() - started
+        log = run.log()
+        assert status == 1, log
+        assert f"local.sh: 127.0.0.1:{run.http_port} (the service, LISTEN_ADDR) is already in use: stop what " \
+               "listens there or set LISTEN_ADDR=127.0.0.1:PORT" in log
+        assert took < 30, f"took {took:.1f}s"
+        assert "database ready" not in log and "Traceback" not in log  # refused before starting anything
+        taken.close()  # the port is free again: nothing of the run may answer on it
+        assert run.leftovers() == []
+    finally:
+        taken.close()
+        run.close()
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def kill_demo_exporter(run: LocalRun) -> None:
+    (pid, _), = run.processes(b"demo_exporter.py")
+    os.kill(pid, signal.SIGKILL)
+
+
+def kill_postgres(run: LocalRun) -> None:
+    with open(os.path.join(run.state, "pg", "data", "postmaster.pid")) as handle:
+        os.kill(int(handle.readline()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("part, env, crash, message", [
+    ("gunicorn", {"WEB_CONCURRENCY": "two"}, None, "local.sh: gunicorn exited on its own (status 2;"),
+    ("demo exporter", {}, kill_demo_exporter, "local.sh: the demo exporter exited on its own (killed by signal 9;"),
+    ("PostgreSQL", {}, kill_postgres, "local.sh: PostgreSQL exited on its own (log: "),
+], ids=["gunicorn", "demo-exporter", "postgresql"])
+def test_local_run_stops_everything_when_one_part_exits_on_its_own(part, env, crash, message):
+    """gunicorn (here: a configuration error), the demo exporter or
+    PostgreSQL ending on its own ends the run within seconds: exit status 1,
+    the reason, and the other two stopped (a killed PostgreSQL's lock file
+    removed, so the next run starts)."""
+    run = LocalRun(**env).start()
+    try:
+        if crash is None:
+            status = run.wait(timeout=120)
+        else:
+            run.serving()
+            crash(run)
+            crashed = time.monotonic()
+            status = run.wait(timeout=60)
+            assert time.monotonic() - crashed < 20, run.log()
+        log = run.log()
+        assert status == 1, log
+        assert "database ready" in log and "demo exporter: 5 accounts" in log  # all three had been started
+        assert message in log and "stopping the rest" in log, log
+        if part == "gunicorn":
+            assert "billing-service: configuration error: WEB_CONCURRENCY: not a valid integer: 'two'" in log
+            assert "Traceback" not in log
+        assert log.rstrip().endswith(f"local.sh: stopped (data kept in {run.state}; rm -rf it to start over)"), log
+        assert run.leftovers() == []
+    finally:
+        run.close()
+
+
+def test_local_run_names_pg_stop_for_a_live_postgres_and_recovers_a_stale_postmaster_pid():
+    """A run killed with SIGKILL leaves its PostgreSQL running (pg_ctl gives it
+    a session of its own): the next run leaves it alone (it may be another
+    run's) and names the command that stops it. After a reboot the lock
+    file's PID may belong to another process of PostgreSQL's user, which
+    PostgreSQL itself takes for a live server: run removes such a stale file."""
+    run = LocalRun()
+    pg_dir = os.path.join(run.state, "pg")
+    lock_path = os.path.join(pg_dir, "data", "postmaster.pid")
+    decoy = None
+    try:
+        subprocess.run([LOCAL_SH, "pg-start", pg_dir, str(run.pg_port)], check=True, capture_output=True)
+        with open(lock_path) as handle:
+            lock = handle.read()
+        postmaster = int(lock.split("\n", 1)[0])
+        status = run.start().wait(timeout=60)
+        log = run.log()
+        assert status == 1, log
+        command = f"{LOCAL_SH} pg-stop {pg_dir}"
+        assert f"local.sh: PostgreSQL (PID {postmaster}) is still running in {pg_dir}" in log
+        assert f"local.sh: stop it with: {command}\n" in log
+        assert not process_gone(postmaster) and os.path.exists(lock_path)  # left alone
+        stopped = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not os.path.exists(lock_path)
+        wait_for(lambda: process_gone(postmaster), timeout=10, what=f"PostgreSQL (PID {postmaster}) to exit")
+
+        pg_user = ("postgres" if user_exists("postgres") else "nobody") if IS_ROOT else None  # local.sh's choice
+        decoy = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd="/", user=pg_user)
+        with open(lock_path, "w") as handle:
+            handle.write(f"{decoy.pid}\n" + lock.split("\n", 1)[1])
+        run.start().serving()
+        assert f"local.sh: removed the stale {lock_path} (no PostgreSQL holds it" in run.log()
+        os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl-C
+        assert run.wait(timeout=60) == 130, run.log()
+        assert "stopped (data kept in" in run.log()
+        assert run.leftovers() == []
+        assert decoy.poll() is None  # never touched
+    finally:
+        if decoy is not None:
+            decoy.stdin.close()
+            decoy.wait(timeout=10)
+        run.close()
+
+
+def test_ci_runs_exactly_the_quick_start_test_command():
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as handle:
+        commands = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    assert commands[-1] == "exec ./deploy/local.sh test", commands
+    assert os.access(os.path.join(ROOT, ".ci", "run"), os.X_OK)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        quick_start = handle.read().split("## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    assert "\n./deploy/local.sh test   # the whole test suite, as CI runs it (.ci/run)\n" in quick_start
 
 
 def test_no_tracked_file_points_outside_the_repository():
