@@ -3,9 +3,14 @@
 Each worker runs one collector thread, started after fork (threads do not
 survive fork) and stopped when the worker exits. PostgreSQL advisory locks
 make the workers share the sources instead of collecting them twice.
+
+With TLS_CERT_FILE and TLS_KEY_FILE the listener speaks HTTPS only (TLS 1.2 or
+later); TLS_CLIENT_CA_FILE also requires a client certificate signed by that
+CA.
 """
 import gc
 import os
+import ssl
 import sys
 
 import app as billing
@@ -33,7 +38,19 @@ access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms'
 # No control socket: its default path is shared by every gunicorn of the user
 # (and lies in a home directory the systemd unit protects). systemd manages us.
 control_socket_disable = True
+_tls_files = _config.tls
+if _tls_files[0]:
+    certfile, keyfile = _tls_files[:2]
+    if _tls_files[2]:
+        ca_certs, cert_reqs = _tls_files[2], ssl.CERT_REQUIRED
 del _config
+
+
+def ssl_context(config, default_ssl_context_factory):
+    context = default_ssl_context_factory()
+    if context.minimum_version < ssl.TLSVersion.TLSv1_2:
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def post_worker_init(worker):

@@ -11,6 +11,7 @@ matters. Run them with ``./deploy/local.sh test``; the benchmark is
 from __future__ import annotations
 
 import grp
+import http.client
 
 import json
 import logging
@@ -18,6 +19,7 @@ import os
 import pwd
 import random
 import re
+import runpy
 import shlex
 import shutil
 import signal
@@ -2888,6 +2890,288 @@ def test_collect_and_rate_with_a_body_is_400_and_runs_nothing(db, exporters, ser
     assert server.requests == [] and db.buckets() == []
     assert db.q("SELECT count(*) FROM billing_job_runs") == [(0,)]
     assert db.q("SELECT count(*) FROM billing_job_totals") == [(0,)]
+
+
+# HTTPS on the listener (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, served by gunicorn.conf.py).
+
+@dataclass
+class ListenerPki:
+    ca: str  # the CA of the listener's certificate
+    cert: str  # the listener's certificate for 127.0.0.1, and its key
+    key: str
+    next_cert: str  # what a rotation installs: another CA's certificate (another issuer and serial)
+    next_key: str
+    trust: str  # both CAs: what the clients trust across a rotation
+    der: bytes  # the two certificates as the listener presents them in a handshake
+    next_der: bytes
+
+
+@pytest.fixture(scope="module")
+def listener_pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("listener-pki")
+    paths, ders = {}, {}
+    for name in ("first", "next"):
+        ca = trustme.CA(organization_name=f"billing-service listener CA ({name})")
+        leaf = ca.issue_cert("127.0.0.1")
+        for kind, pem in (("ca", ca.cert_pem), ("cert", leaf.cert_chain_pems[0]), ("key", leaf.private_key_pem)):
+            paths[name, kind] = str(directory / f"{name}-{kind}.pem")
+            pem.write_to_path(paths[name, kind])
+        ders[name] = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+    trust = str(directory / "trust.pem")
+    with open(trust, "wb") as out:
+        for name in ("first", "next"):
+            with open(paths[name, "ca"], "rb") as ca_file:
+                out.write(ca_file.read())
+    return ListenerPki(paths["first", "ca"], paths["first", "cert"], paths["first", "key"], paths["next", "cert"],
+                       paths["next", "key"], trust, ders["first"], ders["next"])
+
+
+def tls_client(trust: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies the chain and the host name (never less)."""
+    context = ssl.create_default_context(cafile=trust)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def tls_request(port: int, context: ssl.SSLContext, path: str = "/api/ping") -> tuple[bytes, int]:
+    """GET on a new connection: (the certificate the listener presented, in DER; the HTTP status)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.connect()
+        peer = conn.sock.getpeercert(binary_form=True)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return peer, response.status
+    finally:
+        conn.close()
+
+
+def install_file(source: str, target) -> None:
+    """The README's rotation step: a temporary name in the same directory, renamed over the target."""
+    staged = f"{target}.new"
+    shutil.copyfile(source, staged)
+    os.replace(staged, target)
+
+
+class TlsGunicorn(Gunicorn):
+    """Gunicorn serving HTTPS: its own requests trust ``trust`` and present
+    ``cert`` (a (certificate, key) pair) when given."""
+
+    def __init__(self, env: dict, trust: str, cert=None, workers: int = 2):
+        super().__init__(env, workers)
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.trust, self.cert = trust, cert
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+        try:
+            return self.get("/api/ping", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def post(self, job="collect-and-rate", body=None, token=TOKEN, timeout=120):
+        response = requests.post(f"{self.url}/v1/jobs/{job}", data=None if body is None else json.dumps(body),
+                                 headers={"Authorization": f"Bearer {token}"} if token else {},
+                                 verify=self.trust, cert=self.cert, timeout=timeout)
+        return response.status_code, response.json()
+
+    def get(self, path, timeout=10):
+        return requests.get(self.url + path, verify=self.trust, cert=self.cert, timeout=timeout)
+
+
+@pytest.fixture
+def tls_gunicorns():
+    started = []
+
+    def start(env: dict, trust: str, cert=None, workers: int = 2) -> TlsGunicorn:
+        server = TlsGunicorn(env, trust, cert, workers)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+        server.remove_logs()
+
+
+PUSH_NODE = "node-push"
+
+
+def tls_env(db, exporters, cert, key, client_ca=None, **env) -> dict:
+    """A pull source (an empty exporter) and a push source, served over HTTPS."""
+    server = exporters([])
+    db.set_watermark("a", at(-1))
+    tls = {"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+    if client_ca:
+        tls["TLS_CLIENT_CA_FILE"] = client_ca
+    return service_env(db, [source("a", server), push_source("p", node=PUSH_NODE)], **tls, **env)
+
+
+def load_gunicorn_conf(monkeypatch, **env) -> dict:
+    """gunicorn.conf.py's settings and hooks, as gunicorn reads them, under this environment."""
+    for name in billing.TLS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in base_env(**env).items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
+
+
+def server_context(cert: str, key: str, minimum=ssl.TLSVersion.MINIMUM_SUPPORTED) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.minimum_version = minimum
+    return context
+
+
+def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later(
+        monkeypatch, listener_pki, pki, tmp_path):
+    plain = load_gunicorn_conf(monkeypatch)
+    assert {"certfile", "keyfile", "ca_certs", "cert_reqs"} & plain.keys() == set()
+
+    cert, key = tmp_path / "listener.pem", tmp_path / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    conf = load_gunicorn_conf(monkeypatch, TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
+    assert (conf["certfile"], conf["keyfile"]) == (str(cert), str(key))
+    assert {"ca_certs", "cert_reqs"} & conf.keys() == set()
+    mutual = load_gunicorn_conf(monkeypatch, TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key),
+                                TLS_CLIENT_CA_FILE=pki.ca_path)
+    assert (mutual["ca_certs"], mutual["cert_reqs"]) == (pki.ca_path, ssl.CERT_REQUIRED)
+
+    # The hook raises the minimum of whatever gunicorn's factory builds to TLS 1.2.
+    builds = []
+
+    def factory():  # gunicorn's default factory, but permissive: every version OpenSSL has
+        builds.append(1)
+        return server_context(str(cert), str(key))
+
+    assert factory().minimum_version == ssl.TLSVersion.MINIMUM_SUPPORTED
+    context = conf["ssl_context"](None, factory)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize("name", billing.TLS_VARIABLES)
+@pytest.mark.parametrize("kind", ["no permission", "missing"])
+def test_gunicorn_will_not_start_with_an_unreadable_tls_file_and_names_it(name, kind, listener_pki, pki, tmp_path):
+    """One of the files cannot be read: gunicorn exits 2 with one line naming
+    the variable, before any worker starts."""
+    files = {}
+    for variable, original in zip(billing.TLS_VARIABLES, (listener_pki.cert, listener_pki.key, pki.ca_path)):
+        files[variable] = str(tmp_path / f"{variable.lower()}.pem")
+        shutil.copyfile(original, files[variable])
+    prefix = []
+    if kind == "missing":
+        os.unlink(files[name])
+    else:
+        os.chmod(files[name], 0)
+        if IS_ROOT:  # root reads any file: take away the two capabilities that let it
+            if not shutil.which("setpriv"):
+                pytest.skip("setpriv (util-linux) is not installed")
+            prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    done = subprocess.run([*prefix, sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
+                          cwd=ROOT, env={"PATH": os.environ["PATH"], **base_env(
+                              LISTEN_ADDR=f"127.0.0.1:{free_port()}", **files)},
+                          capture_output=True, text=True, timeout=30)
+    reason = "No such file or directory" if kind == "missing" else "Permission denied"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"billing-service: configuration error: {name}: file {files[name]!r} is not readable ({reason})"]
+    assert done.stdout == ""
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_https_listener_serves_with_its_ca_only_at_tls_1_2_or_later_and_not_plain_http(
+        db, exporters, tls_gunicorns, listener_pki):
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key), trust=listener_pki.trust,
+                      workers=1)
+    assert g.get("/api/ping").json() == {"image": "", "tag": "", "commit": "", "version": ""}
+    assert g.get("/healthz").json()["status"] == "starting"
+    status, result = g.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert g.get("/healthz").json() == {"status": "ok", "message": ""}
+    peer, status = tls_request(g.port, tls_client(listener_pki.trust))
+    assert (peer, status) == (listener_pki.der, 200)
+    # Verification stays on: a client that does not trust the test CA refuses the listener.
+    with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+        requests.get(g.url + "/api/ping", timeout=10)
+    # Plain HTTP to the TLS port is not served (the path below is asked for nowhere else).
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{g.port}/v1/status", timeout=10)
+
+    # TLS 1.3 and 1.2 are served...
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        client = tls_client(listener_pki.trust)
+        client.minimum_version = client.maximum_version = version
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == version.name.replace("v1_", "v1.")
+    # ...TLS 1.1 is not, though this OpenSSL can speak it (at security level 0) with a server that allows it.
+    legacy = tls_client(listener_pki.trust)
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    legacy.minimum_version, legacy.maximum_version = ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1
+    permissive = server_context(listener_pki.cert, listener_pki.key)
+    permissive.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve():
+            conn, _ = listener.accept()
+            with permissive.wrap_socket(conn, server_side=True):
+                pass
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
+                legacy.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == "TLSv1.1"
+        thread.join(10)
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL"):
+        tls_request(g.port, legacy)
+
+    stop_cleanly(g)
+    assert "/v1/status" not in g.output() and "Traceback" not in g.output()
+
+
+def test_mutual_tls_wants_a_certificate_of_the_client_ca_and_the_token_still(db, exporters, tls_gunicorns,
+                                                                              listener_pki, pki):
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key, client_ca=pki.ca_path),
+                      trust=listener_pki.trust, cert=(pki.client_cert, pki.client_key), workers=1)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # No certificate, or one of another CA: the handshake fails, whatever the token (these paths are asked
+    # for by nobody else, so the log shows whether any of them reached the service).
+    for cert in (None, (pki.stranger_cert, pki.stranger_key)):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(g.url + "/v1/status", verify=listener_pki.trust, cert=cert, timeout=10)
+        with pytest.raises(requests.ConnectionError):
+            requests.post(g.url + "/v1/jobs/reconcile", headers=auth, verify=listener_pki.trust, cert=cert,
+                          timeout=10)
+        with pytest.raises(requests.ConnectionError):
+            requests.post(g.url + PUSH_PATH, headers=auth, verify=listener_pki.trust, cert=cert, timeout=10,
+                          data=push_body(snap(at(1, 5), (A, "xhttp", 100, 50)), node=PUSH_NODE))
+    with pytest.raises(ssl.SSLError):
+        tls_request(g.port, tls_client(listener_pki.trust, pki.stranger_cert, pki.stranger_key), "/v1/status")
+
+    # With a certificate of the client CA: served, and the endpoints still want their tokens.
+    assert g.get("/healthz").json()["status"] == "starting"
+    assert g.post(token=None)[0] == 401 and g.post(token=WRONG_TOKEN)[0] == 401
+    status, result = g.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert g.get("/healthz").json() == {"status": "ok", "message": ""}
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 50)), node=PUSH_NODE)
+    pushed = requests.post(g.url + PUSH_PATH, data=body, verify=listener_pki.trust, cert=g.cert, timeout=10)
+    assert pushed.status_code == 401
+    db.add_users(A)
+    pushed = requests.post(g.url + PUSH_PATH, data=body, headers=auth, verify=listener_pki.trust, cert=g.cert,
+                           timeout=10)
+    assert pushed.status_code == 200 and pushed.json()["written_minutes"] == 1, pushed.text
+    # A certificate and key in one file (curl --cert FILE) does as well.
+    peer, status = tls_request(g.port, tls_client(listener_pki.trust, pki.client_combined))
+    assert (peer, status) == (listener_pki.der, 200)
+
+    stop_cleanly(g)
+    log = g.output()
+    assert "/v1/status" not in log and "/v1/jobs/reconcile" not in log and "Traceback" not in log
+    assert log.count(f'"POST {PUSH_PATH} ') == 2
 
 
 # ---- collector: job runs, replays, takeover, crashes, concurrency ------------------------
