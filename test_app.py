@@ -3026,8 +3026,8 @@ def server_context(cert: str, key: str, minimum=ssl.TLSVersion.MINIMUM_SUPPORTED
     return context
 
 
-def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later(
-        monkeypatch, listener_pki, pki, tmp_path):
+def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later_and_keeps_the_last_good_pair(
+        monkeypatch, listener_pki, pki, tmp_path, app_log):
     plain = load_gunicorn_conf(monkeypatch)
     assert {"certfile", "keyfile", "ca_certs", "cert_reqs"} & plain.keys() == set()
 
@@ -3051,6 +3051,30 @@ def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later(
     assert factory().minimum_version == ssl.TLSVersion.MINIMUM_SUPPORTED
     context = conf["ssl_context"](None, factory)
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    # Built once, then the same context for every connection while the files stay as they are.
+    assert conf["ssl_context"](None, factory) is context and len(builds) == 2
+
+    # A new key beside the old certificate: the last good pair stays, logged once.
+    install_file(listener_pki.next_key, key)
+    assert conf["ssl_context"](None, factory) is context
+    assert conf["ssl_context"](None, factory) is context
+    (failed,) = events(app_log, "listener_tls_reload_failed")
+    assert "KEY_VALUES_MISMATCH" in failed["error"] and listener_pki.key not in json.dumps(failed)
+    # The certificate follows: a new context, at TLS 1.2 or later too.
+    install_file(listener_pki.next_cert, cert)
+    rotated = conf["ssl_context"](None, factory)
+    assert rotated is not context and rotated.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert len(events(app_log, "listener_tls_reloaded")) == 1
+    # A file that disappears or breaks: still the last good context.
+    cert.unlink()
+    assert conf["ssl_context"](None, factory) is rotated
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    assert conf["ssl_context"](None, factory) is rotated
+    assert len(events(app_log, "listener_tls_reload_failed")) == 3
+    # With nothing good to fall back on (a new worker whose files are broken), the error is gunicorn's.
+    fresh = conf["ListenerTLS"]((str(cert), str(key), ""))
+    with pytest.raises(ssl.SSLError):
+        fresh.context(factory)
 
 
 @pytest.mark.parametrize("name", billing.TLS_VARIABLES)
@@ -3172,6 +3196,119 @@ def test_mutual_tls_wants_a_certificate_of_the_client_ca_and_the_token_still(db,
     log = g.output()
     assert "/v1/status" not in log and "/v1/jobs/reconcile" not in log and "Traceback" not in log
     assert log.count(f'"POST {PUSH_PATH} ') == 2
+
+
+def test_rotating_the_certificate_needs_no_signal_and_drops_no_request(db, exporters, tls_gunicorns, listener_pki,
+                                                                        tmp_path):
+    """The README's rotation: the new key and certificate each written to a
+    temporary name and renamed over the old one, nothing else. Requests on new
+    connections, on one kept-alive connection and one in flight all succeed;
+    every new connection from the certificate's rename on gets the new one."""
+    assert listener_pki.der != listener_pki.next_der
+    live = tmp_path / "tls"
+    live.mkdir()
+    cert, key = live / "listener.pem", live / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    db.add_users(A)
+    g = tls_gunicorns(tls_env(db, exporters, cert, key), trust=listener_pki.trust, workers=2)
+    booted(g, 2)
+    workers = sorted(worker_pids(g.proc.pid))
+    client = tls_client(listener_pki.trust)  # trusts both CAs
+    stop = threading.Event()
+    fresh, kept = [], []  # (started, finished, peer certificate, status or the error)
+
+    def new_connections():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                peer, status = tls_request(g.port, client)
+            except Exception as exc:  # recorded, and fails the test below
+                peer, status = None, repr(exc)
+            fresh.append((started, time.monotonic(), peer, status))
+
+    def one_connection():
+        conn = http.client.HTTPSConnection("127.0.0.1", g.port, context=client, timeout=10)
+        try:
+            conn.connect()
+            first = conn.sock
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    conn.request("GET", "/api/ping")
+                    response = conn.getresponse()
+                    response.read()
+                    # http.client reconnects by itself after a close: the same socket is what proves none
+                    peer = conn.sock.getpeercert(binary_form=True) if conn.sock is first else None
+                    kept.append((started, time.monotonic(), peer, response.status))
+                except Exception as exc:
+                    kept.append((started, time.monotonic(), None, repr(exc)))
+                    return
+        finally:
+            conn.close()
+
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 50)), node=PUSH_NODE)
+    sent_head, release, in_flight = threading.Event(), threading.Event(), []
+
+    def chunks():
+        yield body[:20]
+        sent_head.set()
+        release.wait(60)
+        yield body[20:]
+
+    def slow_push():
+        try:
+            response = requests.post(g.url + PUSH_PATH, data=chunks(), headers={"Authorization": f"Bearer {TOKEN}"},
+                                     verify=listener_pki.trust, timeout=60)
+            in_flight.append((response.status_code, response.json()))
+        except Exception as exc:
+            in_flight.append(repr(exc))
+
+    def done_after(records, moment):
+        return sum(1 for started, _, _, status in records if started > moment and status == 200)
+
+    threads = [threading.Thread(target=target) for target in (new_connections, one_connection, slow_push)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: sent_head.is_set() and done_after(fresh, 0) >= 3 and done_after(kept, 0) >= 3,
+                 what="requests flowing under the first certificate")
+
+        # The new key first: until the certificate follows, it matches nothing, and the listener
+        # keeps presenting the pair it has.
+        install_file(listener_pki.next_key, key)
+        for _ in range(5):
+            assert tls_request(g.port, client) == (listener_pki.der, 200)
+        wait_for(lambda: '"event": "listener_tls_reload_failed"' in g.output(),
+                 what="a worker to notice the half-done rotation")
+
+        # The certificate: from its rename on, every new connection gets it.
+        before_rename = time.monotonic()
+        install_file(listener_pki.next_cert, cert)
+        renamed = time.monotonic()
+        for _ in range(5):
+            assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+        wait_for(lambda: done_after(fresh, renamed) >= 3 and done_after(kept, renamed) >= 3,
+                 what="requests flowing under the new certificate")
+        release.set()
+        threads[2].join(60)
+    finally:
+        release.set()
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+    assert [r for r in fresh + kept if r[3] != 200] == []
+    assert in_flight[0][0] == 200 and in_flight[0][1]["written_minutes"] == 1, in_flight
+    assert {r[2] for r in fresh if r[1] < before_rename} == {listener_pki.der}
+    assert {r[2] for r in fresh if r[0] > renamed} == {listener_pki.next_der}
+    # The kept-alive connection was never dropped: one socket, the old certificate, to the end.
+    assert {r[2] for r in kept} == {listener_pki.der} and done_after(kept, renamed) >= 3
+    # No signal, no restart: the same workers throughout.
+    assert sorted(worker_pids(g.proc.pid)) == workers
+    stop_cleanly(g)
+    log = g.output()
+    assert log.count('"event": "listener_tls_reloaded"') >= 1 and "Traceback" not in log
 
 
 # ---- collector: job runs, replays, takeover, crashes, concurrency ------------------------
