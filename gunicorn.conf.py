@@ -111,6 +111,16 @@ def when_ready(server):
             billing.log_event(billing.Secrets(), "listener_tls_load_failed", error=str(exc))
 
 
+def post_fork(server, worker):
+    # The worker builds the app from the environment again (app:app), and
+    # load_config would check the TLS files once more. They are the arbiter's:
+    # checked at start-up, then by ListenerTLS on each connection. A worker
+    # replacing a dead one mid-rotation (new key, old certificate) must not
+    # fail to boot over them: gunicorn would then stop the whole service.
+    for name in billing.TLS_VARIABLES:
+        os.environ.pop(name, None)
+
+
 def post_worker_init(worker):
     # A catch-up allocates millions of short-lived, acyclic objects per page;
     # with the default thresholds the cyclic collector walks every live object

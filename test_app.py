@@ -3311,6 +3311,30 @@ def test_rotating_the_certificate_needs_no_signal_and_drops_no_request(db, expor
     assert log.count('"event": "listener_tls_reloaded"') >= 1 and "Traceback" not in log
 
 
+def test_a_worker_started_during_a_half_done_rotation_serves_the_pair_the_arbiter_loaded(
+        db, exporters, tls_gunicorns, listener_pki, tmp_path):
+    """A worker that replaces a dead one while the key is new and the
+    certificate still old has never built a context of its own: it falls back
+    on the arbiter's, then takes the new pair once the certificate follows."""
+    cert, key = tmp_path / "listener.pem", tmp_path / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    g = tls_gunicorns(tls_env(db, exporters, cert, key), trust=listener_pki.trust, workers=1)
+    booted(g, 1)
+    (first,) = worker_pids(g.proc.pid)
+    client = tls_client(listener_pki.trust)
+    install_file(listener_pki.next_key, key)
+    os.kill(first, signal.SIGKILL)
+    (second,) = wait_for(lambda: [pid for pid in worker_pids(g.proc.pid) if pid != first], what="a new worker")
+    booted(g, 2)  # its "Booting worker" line: it is ready to accept
+    for _ in range(3):
+        assert tls_request(g.port, client) == (listener_pki.der, 200)
+    assert worker_pids(g.proc.pid) == [second]
+    install_file(listener_pki.next_cert, cert)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+    stop_cleanly(g)
+
+
 # ---- collector: job runs, replays, takeover, crashes, concurrency ------------------------
 
 def test_one_sample_without_profile_charges_price_and_throttles(db, exporters, service):
