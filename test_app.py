@@ -5167,6 +5167,139 @@ def test_dry_run_passes_preflight_and_renders_the_plan_without_touching_the_host
     assert user_exists(SERVICE_USER) == had_user
 
 
+# The listener's TLS files through the playbook (billing_tls_*): preflight, the service user's read, the env file.
+
+def place_tls_files(directory: str, listener_pki, pki, key_mode: int = 0o640, group: int = -1) -> dict:
+    """The listener's certificate, key (for the service's group) and client CA
+    in a directory others may traverse, as playbook variables."""
+    os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o755)
+    files = {}
+    for name, original, mode in (("billing_tls_cert_file", listener_pki.cert, 0o644),
+                                 ("billing_tls_key_file", listener_pki.key, key_mode),
+                                 ("billing_tls_client_ca_file", pki.ca_path, 0o644)):
+        files[name] = os.path.join(directory, name.replace("billing_tls_", "").replace("_file", ".pem"))
+        shutil.copyfile(original, files[name])
+        os.chown(files[name], -1, group)
+        os.chmod(files[name], mode)
+    return files
+
+
+def test_dry_run_checks_the_listener_tls_files_as_the_service_user(tmp_path, listener_pki, pki):
+    """Check mode still reads the files, as the service user: a key it cannot
+    read or a key of another certificate fails, naming the variable; a user
+    the play has yet to create is reported unchecked and the dry run passes."""
+    root = str(tmp_path / "host")
+    sources = [{"source_id": "a", "base_url": "http://127.0.0.1:9108"}]
+    user = "nobody" if IS_ROOT else pwd.getpwuid(os.getuid()).pw_name  # exists, and is not root
+    directory = tempfile.mkdtemp(prefix="billing-deploy-tls-")
+    try:
+        files = place_tls_files(directory, listener_pki, pki, group=pwd.getpwnam(user).pw_gid)
+        key = files["billing_tls_key_file"]
+        env = ansible_env(DATABASE_URL=f"postgresql://billing:{DB_PASSWORD}@db.invalid/account",
+                          INTERNAL_SERVICE_TOKEN=TOKEN)
+
+        def dry_run(**values):
+            return playbook(local_inventory(tmp_path), "-D", "-C", "-v", vars_file(
+                tmp_path, "vars.json", deploy_vars(root, sources, **{"billing_user": user,
+                                                                      "billing_create_user": False,
+                                                                      **files, **values})), env=env)
+
+        done = dry_run()
+        assert done.returncode == 0, done.output
+        assert f"readable by {user} and usable" in done.stdout, done.output
+        os.chmod(key, 0o600 if IS_ROOT else 0)  # root's own key, or nobody's read bit
+        done = dry_run()
+        assert done.returncode != 0 and recap(done.output)["failed"] == 1
+        assert f"TLS_KEY_FILE: {key} is not readable by {user} (Permission denied)" in done.output, done.output
+        install_file(listener_pki.next_key, key)  # readable again, but not this certificate's key
+        os.chmod(key, 0o644)
+        done = dry_run()
+        assert done.returncode != 0
+        assert "TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM (KEY_VALUES_MISMATCH)" in done.output, done.output
+        key_line = open(key).read().splitlines()[1]
+        assert key_line not in done.output
+
+        # First deploy: the service user does not exist yet.
+        assert not user_exists("billing-tls-new")
+        done = dry_run(billing_user="billing-tls-new", billing_create_user=IS_ROOT)
+        assert done.returncode == 0, done.output
+        assert "not checked: the service user billing-tls-new does not exist yet" in done.stdout
+        assert not user_exists("billing-tls-new") and not os.path.exists(root)
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"billing_tls_cert_file": "/etc/billing-service/tls/listener.pem"}, "billing_tls_cert_file (TLS_CERT_FILE) and"),
+    ({"billing_tls_cert_file": "tls/listener.pem", "billing_tls_key_file": "tls/listener.key"},
+     "each is an absolute path on the host outside /home"),
+    ({"billing_tls_cert_file": "/root/listener.pem", "billing_tls_key_file": "/root/listener.key"},
+     "each is an absolute path on the host outside /home"),
+    ({"billing_tls_cert_file": "/etc/b/listener.pem", "billing_tls_key_file": "/etc/b/listener.key",
+      "billing_tls_client_ca_file": "/etc/b/clients.pem", "billing_manage_service": True},
+     "set billing_healthz_client_cert and billing_healthz_client_key"),
+])
+def test_dry_run_refuses_listener_tls_variables_that_cannot_work(tmp_path, values, message):
+    done = playbook(local_inventory(tmp_path), "-C", vars_file(tmp_path, "vars.json", deploy_vars(
+        str(tmp_path / "host"), [{"source_id": "a", "base_url": "http://127.0.0.1:9108"}], **values)),
+        env=ansible_env(DATABASE_URL="postgresql://billing@db.invalid/account", INTERNAL_SERVICE_TOKEN=TOKEN))
+    assert done.returncode != 0 and message in done.output, done.output
+    assert recap(done.output)["failed"] == 1 and "TASK [System packages" not in done.output
+
+
+def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
+        db, exporters, deploy_root, tmp_path, listener_pki, pki):
+    """The three variables reach the env file; the unit's command, as its user,
+    serves HTTPS with that certificate to clients of that CA only."""
+    # The play creates the service user: nothing can be its group's before it runs.
+    files = place_tls_files(os.path.join(deploy_root, "tls"), listener_pki, pki, key_mode=0o644)
+    server = exporters([])
+    db.set_watermark("a", at(-1))
+    port = free_port()
+    values = deploy_vars(deploy_root, [source("a", server)], billing_listen_addr=f"127.0.0.1:{port}",
+                         billing_apply_schema=False, **files)
+    done = playbook(local_inventory(tmp_path), vars_file(tmp_path, "vars.json", values),
+                    env=ansible_env(DATABASE_URL=db.url, INTERNAL_SERVICE_TOKEN=TOKEN))
+    assert done.returncode == 0, done.output
+    env_path = f"{values['billing_config_dir']}/billing-service.env"
+    with open(env_path) as handle:
+        env_text = handle.read()
+    assert {name: value for name, value in parse_env_file(env_text).items() if name.startswith("TLS_")} == {
+        "TLS_CERT_FILE": files["billing_tls_cert_file"], "TLS_KEY_FILE": files["billing_tls_key_file"],
+        "TLS_CLIENT_CA_FILE": files["billing_tls_client_ca_file"]}
+
+    with open(f"{values['billing_unit_dir']}/billing-service.service") as handle:
+        unit = parse_unit(handle.read())
+    argv, unit_env, cwd = unit_process(unit, env_text)
+    user = {"user": unit[("Service", "User")][0], "group": unit[("Service", "Group")][0], "extra_groups": []} \
+        if IS_ROOT else {}
+    log = open(tmp_path / "service.log", "w+")
+    proc = subprocess.Popen(argv, cwd=cwd, env=unit_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, **user)
+    url = f"https://127.0.0.1:{port}/healthz"
+    try:
+        def healthy():
+            assert proc.poll() is None, open(tmp_path / "service.log").read()
+            try:
+                return requests.get(url, verify=listener_pki.trust, cert=(pki.client_cert, pki.client_key),
+                                    timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_for(healthy, timeout=60, interval=0.2, what="/healthz 200 over mutual TLS from the installed unit")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url, verify=listener_pki.trust, timeout=10)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode == 0, open(tmp_path / "service.log").read()
+
+
 def bare_database(cluster) -> str:
     """A database with only the users stub: the playbook must apply schema.sql."""
     name = f"deploy{os.getpid()}_{uuid.uuid4().hex[:8]}"
