@@ -102,13 +102,17 @@ def ssl_context(config, default_ssl_context_factory):
 
 def when_ready(server):
     # Built once in the arbiter, so that every worker (a replacement too) starts
-    # with a good context to fall back on.
+    # with a good context to fall back on; again after a reload (SIGHUP), which
+    # ran this file anew.
     if server.cfg.is_ssl:
         from gunicorn import sock
         try:
             sock.ssl_context(server.cfg)
         except OSError as exc:  # changed since load_config read them: each worker tries again
             billing.log_event(billing.Secrets(), "listener_tls_load_failed", error=str(exc))
+
+
+on_reload = when_ready
 
 
 def post_fork(server, worker):

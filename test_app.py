@@ -3335,6 +3335,45 @@ def test_a_worker_started_during_a_half_done_rotation_serves_the_pair_the_arbite
     stop_cleanly(g)
 
 
+def test_a_reload_after_a_rotation_keeps_serving_and_one_in_the_middle_stops_the_service(
+        db, exporters, tls_gunicorns, listener_pki, tmp_path):
+    """SIGHUP (systemctl reload) is not part of a rotation: after both renames
+    it changes nothing a client sees; between them, the reload checks the
+    files like a start and stops gunicorn (exit 2) naming the variables."""
+    cert, key = tmp_path / "listener.pem", tmp_path / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    g = tls_gunicorns(tls_env(db, exporters, cert, key), trust=listener_pki.trust, workers=1)
+    booted(g, 1)
+    client = tls_client(listener_pki.trust)
+    install_file(listener_pki.next_key, key)
+    install_file(listener_pki.next_cert, cert)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+
+    def replaced(old: int) -> int:
+        def new_only():
+            pids = worker_pids(g.proc.pid)
+            return pids if pids and old not in pids else None
+        (new,) = wait_for(new_only, what="the worker replaced")
+        return new
+
+    (first,) = worker_pids(g.proc.pid)
+    g.proc.send_signal(signal.SIGHUP)
+    second = replaced(first)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+    # The arbiter loaded the pair again on reload: a worker that boots mid-rotation falls back on it.
+    install_file(listener_pki.key, key)
+    os.kill(second, signal.SIGKILL)
+    replaced(second)
+    booted(g, 3)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+
+    g.proc.send_signal(signal.SIGHUP)
+    assert g.proc.wait(timeout=30) == 2
+    assert "billing-service: configuration error: TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM " \
+           "(KEY_VALUES_MISMATCH)" in g.output()
+
+
 # ---- collector: job runs, replays, takeover, crashes, concurrency ------------------------
 
 def test_one_sample_without_profile_charges_price_and_throttles(db, exporters, service):
