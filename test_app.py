@@ -3065,12 +3065,19 @@ def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later_and_keeps_the_la
     rotated = conf["ssl_context"](None, factory)
     assert rotated is not context and rotated.minimum_version == ssl.TLSVersion.TLSv1_2
     assert len(events(app_log, "listener_tls_reloaded")) == 1
+    # The other order, certificate first, is as safe.
+    install_file(listener_pki.cert, cert)
+    assert conf["ssl_context"](None, factory) is rotated
+    install_file(listener_pki.key, key)
+    back = conf["ssl_context"](None, factory)
+    assert back is not rotated and len(events(app_log, "listener_tls_reloaded")) == 2
+    rotated = back
     # A file that disappears or breaks: still the last good context.
     cert.unlink()
     assert conf["ssl_context"](None, factory) is rotated
     cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     assert conf["ssl_context"](None, factory) is rotated
-    assert len(events(app_log, "listener_tls_reload_failed")) == 3
+    assert len(events(app_log, "listener_tls_reload_failed")) == 4
     # With nothing good to fall back on (a new worker whose files are broken), the error is gunicorn's.
     fresh = conf["ListenerTLS"]((str(cert), str(key), ""))
     with pytest.raises(ssl.SSLError):
@@ -3196,6 +3203,51 @@ def test_mutual_tls_wants_a_certificate_of_the_client_ca_and_the_token_still(db,
     log = g.output()
     assert "/v1/status" not in log and "/v1/jobs/reconcile" not in log and "Traceback" not in log
     assert log.count(f'"POST {PUSH_PATH} ') == 2
+
+
+def test_the_readmes_curl_commands_over_mutual_tls(db, exporters, tls_gunicorns, listener_pki, pki):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key, client_ca=pki.ca_path),
+                      trust=listener_pki.trust, cert=(pki.client_cert, pki.client_key), workers=1)
+
+    def curl(*args):
+        return subprocess.run(["curl", "-s", "--cacert", listener_pki.trust, *args], capture_output=True, text=True,
+                              timeout=30)
+
+    refused = curl(f"{g.url}/healthz")
+    assert refused.returncode != 0 and refused.stdout == ""
+    mutual = ["--cert", pki.client_cert, "--key", pki.client_key]
+    assert json.loads(curl(*mutual, f"{g.url}/healthz").stdout)["status"] == "starting"
+    job = curl(*mutual, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}", f"{g.url}/v1/jobs/collect-and-rate")
+    assert job.returncode == 0 and json.loads(job.stdout)["status"] == "ok", job.stdout
+    no_token = curl(*mutual, "-X", "POST", f"{g.url}/v1/jobs/collect-and-rate")
+    assert json.loads(no_token.stdout) == {"error": "missing or wrong service token"}
+
+
+def test_replacing_the_client_ca_file_applies_to_new_connections(db, exporters, tls_gunicorns, listener_pki, pki,
+                                                                 tmp_path):
+    """Moving callers to a new client CA: both CAs in the file, then only the new one."""
+    clients = tmp_path / "clients.pem"
+    shutil.copyfile(pki.ca_path, clients)
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key, client_ca=str(clients)),
+                      trust=listener_pki.trust, cert=(pki.client_cert, pki.client_key), workers=1)
+    old_ca_client = tls_client(listener_pki.trust, pki.client_cert, pki.client_key)
+    new_ca_client = tls_client(listener_pki.trust, listener_pki.cert, listener_pki.key)  # a leaf of another CA
+
+    def served(client) -> bool:
+        try:
+            return tls_request(g.port, client)[1] == 200
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+    assert (served(old_ca_client), served(new_ca_client)) == (True, False)
+    both = tmp_path / "both.pem"
+    both.write_bytes(open(pki.ca_path, "rb").read() + open(listener_pki.ca, "rb").read())
+    install_file(str(both), clients)
+    assert (served(old_ca_client), served(new_ca_client)) == (True, True)
+    install_file(listener_pki.ca, clients)
+    assert (served(old_ca_client), served(new_ca_client)) == (False, True)
 
 
 def test_rotating_the_certificate_needs_no_signal_and_drops_no_request(db, exporters, tls_gunicorns, listener_pki,
