@@ -3084,6 +3084,32 @@ def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later_and_keeps_the_la
         fresh.context(factory)
 
 
+@pytest.mark.parametrize("files, message", [
+    ({"TLS_CERT_FILE": "cert"}, "TLS_CERT_FILE and TLS_KEY_FILE go together"),
+    ({"TLS_KEY_FILE": "key"}, "TLS_CERT_FILE and TLS_KEY_FILE go together"),
+    ({"TLS_CLIENT_CA_FILE": "ca"}, "TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE"),
+    ({"TLS_CERT_FILE": "cert", "TLS_KEY_FILE": "next key"},
+     "TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM (KEY_VALUES_MISMATCH)"),
+    ({"TLS_CERT_FILE": "garbage", "TLS_KEY_FILE": "key"}, "TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM"),
+    ({"TLS_CERT_FILE": "cert", "TLS_KEY_FILE": "key", "TLS_CLIENT_CA_FILE": "garbage"},
+     "TLS_CLIENT_CA_FILE: not usable as PEM"),
+    ({"TLS_CERT_FILE": "cert", "TLS_KEY_FILE": "key", "TLS_CLIENT_CA_FILE": "directory"},
+     "TLS_CLIENT_CA_FILE: file "),
+    ({"TLS_CERT_FILE": "", "TLS_KEY_FILE": "key"}, "TLS_CERT_FILE is set but empty"),
+])
+def test_listener_tls_files_that_cannot_work_stop_startup_naming_the_variable(files, message, listener_pki,
+                                                                              tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    paths = {"cert": listener_pki.cert, "key": listener_pki.key, "next key": listener_pki.next_key,
+             "ca": listener_pki.ca, "garbage": str(garbage), "directory": str(tmp_path), "": ""}
+    with pytest.raises(billing.ConfigError) as error:
+        billing.load_config(base_env(**{name: paths[kind] for name, kind in files.items()}))
+    assert message in str(error.value)
+    assert billing.load_config(base_env(TLS_CERT_FILE=listener_pki.cert, TLS_KEY_FILE=listener_pki.key)).tls == \
+        (listener_pki.cert, listener_pki.key, "")
+
+
 @pytest.mark.parametrize("name", billing.TLS_VARIABLES)
 @pytest.mark.parametrize("kind", ["no permission", "missing"])
 def test_gunicorn_will_not_start_with_an_unreadable_tls_file_and_names_it(name, kind, listener_pki, pki, tmp_path):
