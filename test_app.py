@@ -5365,8 +5365,20 @@ def test_dry_run_refuses_listener_tls_variables_that_cannot_work(tmp_path, value
     assert recap(done.output)["failed"] == 1 and "TASK [System packages" not in done.output
 
 
+@pytest.fixture
+def tls_service_user():
+    """A service user of its own: SERVICE_USER is shared with the suites of
+    other checkouts on this machine, whose teardown may remove it meanwhile."""
+    name = "billing-tls-test"
+    had_user = user_exists(name)
+    yield name
+    if IS_ROOT and not had_user and user_exists(name):
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
 def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
-        db, exporters, deploy_root, tmp_path, listener_pki, pki):
+        db, exporters, deploy_root, tls_service_user, tmp_path, listener_pki, pki):
     """The three variables reach the env file; the unit's command, as its user,
     serves HTTPS with that certificate to clients of that CA only."""
     # The play creates the service user: nothing can be its group's before it runs.
@@ -5376,6 +5388,8 @@ def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
     port = free_port()
     values = deploy_vars(deploy_root, [source("a", server)], billing_listen_addr=f"127.0.0.1:{port}",
                          billing_apply_schema=False, **files)
+    if IS_ROOT:
+        values["billing_user"] = tls_service_user
     done = playbook(local_inventory(tmp_path), vars_file(tmp_path, "vars.json", values),
                     env=ansible_env(DATABASE_URL=db.url, INTERNAL_SERVICE_TOKEN=TOKEN))
     assert done.returncode == 0, done.output
