@@ -11,6 +11,7 @@ matters. Run them with ``./deploy/local.sh test``; the benchmark is
 from __future__ import annotations
 
 import grp
+import http.client
 
 import collections
 import json
@@ -19,6 +20,7 @@ import os
 import pwd
 import random
 import re
+import runpy
 import shlex
 import shutil
 import signal
@@ -3099,6 +3101,566 @@ def test_collect_and_rate_with_a_body_is_400_and_runs_nothing(db, exporters, ser
     assert db.q("SELECT count(*) FROM billing_job_totals") == [(0,)]
 
 
+# HTTPS on the listener (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, served by gunicorn.conf.py).
+
+@dataclass
+class ListenerPki:
+    ca: str  # the CA of the listener's certificate
+    cert: str  # the listener's certificate for 127.0.0.1, and its key
+    key: str
+    next_cert: str  # what a rotation installs: another CA's certificate (another issuer and serial)
+    next_key: str
+    trust: str  # both CAs: what the clients trust across a rotation
+    der: bytes  # the two certificates as the listener presents them in a handshake
+    next_der: bytes
+
+
+@pytest.fixture(scope="module")
+def listener_pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("listener-pki")
+    paths, ders = {}, {}
+    for name in ("first", "next"):
+        ca = trustme.CA(organization_name=f"billing-service listener CA ({name})")
+        leaf = ca.issue_cert("127.0.0.1")
+        for kind, pem in (("ca", ca.cert_pem), ("cert", leaf.cert_chain_pems[0]), ("key", leaf.private_key_pem)):
+            paths[name, kind] = str(directory / f"{name}-{kind}.pem")
+            pem.write_to_path(paths[name, kind])
+        ders[name] = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+    trust = str(directory / "trust.pem")
+    with open(trust, "wb") as out:
+        for name in ("first", "next"):
+            with open(paths[name, "ca"], "rb") as ca_file:
+                out.write(ca_file.read())
+    return ListenerPki(paths["first", "ca"], paths["first", "cert"], paths["first", "key"], paths["next", "cert"],
+                       paths["next", "key"], trust, ders["first"], ders["next"])
+
+
+def tls_client(trust: str, cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies the chain and the host name (never less)."""
+    context = ssl.create_default_context(cafile=trust)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def tls_request(port: int, context: ssl.SSLContext, path: str = "/api/ping") -> tuple[bytes, int]:
+    """GET on a new connection: (the certificate the listener presented, in DER; the HTTP status)."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    try:
+        conn.connect()
+        peer = conn.sock.getpeercert(binary_form=True)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return peer, response.status
+    finally:
+        conn.close()
+
+
+def install_file(source: str, target) -> None:
+    """The README's rotation step: a temporary name in the same directory, renamed over the target."""
+    staged = f"{target}.new"
+    shutil.copyfile(source, staged)
+    os.replace(staged, target)
+
+
+class TlsGunicorn(Gunicorn):
+    """Gunicorn serving HTTPS: its own requests trust ``trust`` and present
+    ``cert`` (a (certificate, key) pair) when given."""
+
+    def __init__(self, env: dict, trust: str, cert=None, workers: int = 2):
+        super().__init__(env, workers)
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.trust, self.cert = trust, cert
+
+    def _answers(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.output()[-3000:]}")
+        try:
+            return self.get("/api/ping", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    def post(self, job="collect-and-rate", body=None, token=TOKEN, timeout=120):
+        response = requests.post(f"{self.url}/v1/jobs/{job}", data=None if body is None else json.dumps(body),
+                                 headers={"Authorization": f"Bearer {token}"} if token else {},
+                                 verify=self.trust, cert=self.cert, timeout=timeout)
+        return response.status_code, response.json()
+
+    def get(self, path, timeout=10):
+        return requests.get(self.url + path, verify=self.trust, cert=self.cert, timeout=timeout)
+
+
+@pytest.fixture
+def tls_gunicorns():
+    started = []
+
+    def start(env: dict, trust: str, cert=None, workers: int = 2) -> TlsGunicorn:
+        server = TlsGunicorn(env, trust, cert, workers)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+        server.remove_logs()
+
+
+PUSH_NODE = "node-push"
+
+
+def tls_env(db, exporters, cert, key, client_ca=None, **env) -> dict:
+    """A pull source (an empty exporter) and a push source, served over HTTPS."""
+    server = exporters([])
+    db.set_watermark("a", at(-1))
+    tls = {"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}
+    if client_ca:
+        tls["TLS_CLIENT_CA_FILE"] = client_ca
+    return service_env(db, [source("a", server), push_source("p", node=PUSH_NODE)], **tls, **env)
+
+
+def load_gunicorn_conf(monkeypatch, **env) -> dict:
+    """gunicorn.conf.py's settings and hooks, as gunicorn reads them, under this environment."""
+    for name in billing.TLS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in base_env(**env).items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(os.path.join(ROOT, "gunicorn.conf.py"))
+
+
+def server_context(cert: str, key: str, minimum=ssl.TLSVersion.MINIMUM_SUPPORTED) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.minimum_version = minimum
+    return context
+
+
+def test_gunicorn_conf_serves_the_tls_files_at_tls_1_2_or_later_and_keeps_the_last_good_pair(
+        monkeypatch, listener_pki, pki, tmp_path, app_log):
+    plain = load_gunicorn_conf(monkeypatch)
+    assert {"certfile", "keyfile", "ca_certs", "cert_reqs"} & plain.keys() == set()
+
+    cert, key = tmp_path / "listener.pem", tmp_path / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    conf = load_gunicorn_conf(monkeypatch, TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key))
+    assert (conf["certfile"], conf["keyfile"]) == (str(cert), str(key))
+    assert {"ca_certs", "cert_reqs"} & conf.keys() == set()
+    mutual = load_gunicorn_conf(monkeypatch, TLS_CERT_FILE=str(cert), TLS_KEY_FILE=str(key),
+                                TLS_CLIENT_CA_FILE=pki.ca_path)
+    assert (mutual["ca_certs"], mutual["cert_reqs"]) == (pki.ca_path, ssl.CERT_REQUIRED)
+
+    # The hook raises the minimum of whatever gunicorn's factory builds to TLS 1.2.
+    builds = []
+
+    def factory():  # gunicorn's default factory, but permissive: every version OpenSSL has
+        builds.append(1)
+        return server_context(str(cert), str(key))
+
+    assert factory().minimum_version == ssl.TLSVersion.MINIMUM_SUPPORTED
+    context = conf["ssl_context"](None, factory)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    # Built once, then the same context for every connection while the files stay as they are.
+    assert conf["ssl_context"](None, factory) is context and len(builds) == 2
+
+    # A new key beside the old certificate: the last good pair stays, logged once.
+    install_file(listener_pki.next_key, key)
+    assert conf["ssl_context"](None, factory) is context
+    assert conf["ssl_context"](None, factory) is context
+    (failed,) = events(app_log, "listener_tls_reload_failed")
+    assert "KEY_VALUES_MISMATCH" in failed["error"] and listener_pki.key not in json.dumps(failed)
+    # The certificate follows: a new context, at TLS 1.2 or later too.
+    install_file(listener_pki.next_cert, cert)
+    rotated = conf["ssl_context"](None, factory)
+    assert rotated is not context and rotated.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert len(events(app_log, "listener_tls_reloaded")) == 1
+    # The other order, certificate first, is as safe.
+    install_file(listener_pki.cert, cert)
+    assert conf["ssl_context"](None, factory) is rotated
+    install_file(listener_pki.key, key)
+    back = conf["ssl_context"](None, factory)
+    assert back is not rotated and len(events(app_log, "listener_tls_reloaded")) == 2
+    rotated = back
+    # A file that disappears or breaks: still the last good context.
+    cert.unlink()
+    assert conf["ssl_context"](None, factory) is rotated
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    assert conf["ssl_context"](None, factory) is rotated
+    assert len(events(app_log, "listener_tls_reload_failed")) == 4
+    # With nothing good to fall back on (a new worker whose files are broken), the error is gunicorn's.
+    fresh = conf["ListenerTLS"]((str(cert), str(key), ""))
+    with pytest.raises(ssl.SSLError):
+        fresh.context(factory)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"TLS_CERT_FILE": "cert"}, "TLS_CERT_FILE and TLS_KEY_FILE go together"),
+    ({"TLS_KEY_FILE": "key"}, "TLS_CERT_FILE and TLS_KEY_FILE go together"),
+    ({"TLS_CLIENT_CA_FILE": "ca"}, "TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE"),
+    ({"TLS_CERT_FILE": "cert", "TLS_KEY_FILE": "next key"},
+     "TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM (KEY_VALUES_MISMATCH)"),
+    ({"TLS_CERT_FILE": "garbage", "TLS_KEY_FILE": "key"}, "TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM"),
+    ({"TLS_CERT_FILE": "cert", "TLS_KEY_FILE": "key", "TLS_CLIENT_CA_FILE": "garbage"},
+     "TLS_CLIENT_CA_FILE: not usable as PEM"),
+    ({"TLS_CERT_FILE": "cert", "TLS_KEY_FILE": "key", "TLS_CLIENT_CA_FILE": "directory"},
+     "TLS_CLIENT_CA_FILE: file "),
+    ({"TLS_CERT_FILE": "", "TLS_KEY_FILE": "key"}, "TLS_CERT_FILE is set but empty"),
+])
+def test_listener_tls_files_that_cannot_work_stop_startup_naming_the_variable(files, message, listener_pki,
+                                                                              tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    paths = {"cert": listener_pki.cert, "key": listener_pki.key, "next key": listener_pki.next_key,
+             "ca": listener_pki.ca, "garbage": str(garbage), "directory": str(tmp_path), "": ""}
+    with pytest.raises(billing.ConfigError) as error:
+        billing.load_config(base_env(**{name: paths[kind] for name, kind in files.items()}))
+    assert message in str(error.value)
+    assert billing.load_config(base_env(TLS_CERT_FILE=listener_pki.cert, TLS_KEY_FILE=listener_pki.key)).tls == \
+        (listener_pki.cert, listener_pki.key, "")
+
+
+@pytest.mark.parametrize("name", billing.TLS_VARIABLES)
+@pytest.mark.parametrize("kind", ["no permission", "missing"])
+def test_gunicorn_will_not_start_with_an_unreadable_tls_file_and_names_it(name, kind, listener_pki, pki, tmp_path):
+    """One of the files cannot be read: gunicorn exits 2 with one line naming
+    the variable, before any worker starts."""
+    files = {}
+    for variable, original in zip(billing.TLS_VARIABLES, (listener_pki.cert, listener_pki.key, pki.ca_path)):
+        files[variable] = str(tmp_path / f"{variable.lower()}.pem")
+        shutil.copyfile(original, files[variable])
+    prefix = []
+    if kind == "missing":
+        os.unlink(files[name])
+    else:
+        os.chmod(files[name], 0)
+        if IS_ROOT:  # root reads any file: take away the two capabilities that let it
+            if not shutil.which("setpriv"):
+                pytest.skip("setpriv (util-linux) is not installed")
+            prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    done = subprocess.run([*prefix, sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "app:app"],
+                          cwd=ROOT, env={"PATH": os.environ["PATH"], **base_env(
+                              LISTEN_ADDR=f"127.0.0.1:{free_port()}", **files)},
+                          capture_output=True, text=True, timeout=30)
+    reason = "No such file or directory" if kind == "missing" else "Permission denied"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"billing-service: configuration error: {name}: file {files[name]!r} is not readable ({reason})"]
+    assert done.stdout == ""
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_https_listener_serves_with_its_ca_only_at_tls_1_2_or_later_and_not_plain_http(
+        db, exporters, tls_gunicorns, listener_pki):
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key), trust=listener_pki.trust,
+                      workers=1)
+    assert g.get("/api/ping").json() == {"image": "", "tag": "", "commit": "", "version": ""}
+    assert g.get("/healthz").json()["status"] == "starting"
+    status, result = g.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert g.get("/healthz").json() == {"status": "ok", "message": ""}
+    peer, status = tls_request(g.port, tls_client(listener_pki.trust))
+    assert (peer, status) == (listener_pki.der, 200)
+    # Verification stays on: a client that does not trust the test CA refuses the listener.
+    with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+        requests.get(g.url + "/api/ping", timeout=10)
+    # Plain HTTP to the TLS port is not served (the path below is asked for nowhere else).
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{g.port}/v1/status", timeout=10)
+
+    # TLS 1.3 and 1.2 are served...
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        client = tls_client(listener_pki.trust)
+        client.minimum_version = client.maximum_version = version
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as raw, \
+                client.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == version.name.replace("v1_", "v1.")
+    # ...TLS 1.1 is not, though this OpenSSL can speak it (at security level 0) with a server that allows it.
+    legacy = tls_client(listener_pki.trust)
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    legacy.minimum_version, legacy.maximum_version = ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1_1
+    permissive = server_context(listener_pki.cert, listener_pki.key)
+    permissive.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve():
+            conn, _ = listener.accept()
+            with permissive.wrap_socket(conn, server_side=True):
+                pass
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
+                legacy.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == "TLSv1.1"
+        thread.join(10)
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL"):
+        tls_request(g.port, legacy)
+
+    stop_cleanly(g)
+    assert "/v1/status" not in g.output() and "Traceback" not in g.output()
+
+
+def test_mutual_tls_wants_a_certificate_of_the_client_ca_and_the_token_still(db, exporters, tls_gunicorns,
+                                                                              listener_pki, pki):
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key, client_ca=pki.ca_path),
+                      trust=listener_pki.trust, cert=(pki.client_cert, pki.client_key), workers=1)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # No certificate, or one of another CA: the handshake fails, whatever the token (these paths are asked
+    # for by nobody else, so the log shows whether any of them reached the service).
+    for cert in (None, (pki.stranger_cert, pki.stranger_key)):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(g.url + "/v1/status", verify=listener_pki.trust, cert=cert, timeout=10)
+        with pytest.raises(requests.ConnectionError):
+            requests.post(g.url + "/v1/jobs/reconcile", headers=auth, verify=listener_pki.trust, cert=cert,
+                          timeout=10)
+        with pytest.raises(requests.ConnectionError):
+            requests.post(g.url + PUSH_PATH, headers=auth, verify=listener_pki.trust, cert=cert, timeout=10,
+                          data=push_body(snap(at(1, 5), (A, "xhttp", 100, 50)), node=PUSH_NODE))
+    with pytest.raises(ssl.SSLError):
+        tls_request(g.port, tls_client(listener_pki.trust, pki.stranger_cert, pki.stranger_key), "/v1/status")
+
+    # With a certificate of the client CA: served, and the endpoints still want their tokens.
+    assert g.get("/healthz").json()["status"] == "starting"
+    assert g.post(token=None)[0] == 401 and g.post(token=WRONG_TOKEN)[0] == 401
+    status, result = g.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert g.get("/healthz").json() == {"status": "ok", "message": ""}
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 50)), node=PUSH_NODE)
+    pushed = requests.post(g.url + PUSH_PATH, data=body, verify=listener_pki.trust, cert=g.cert, timeout=10)
+    assert pushed.status_code == 401
+    db.add_users(A)
+    pushed = requests.post(g.url + PUSH_PATH, data=body, headers=auth, verify=listener_pki.trust, cert=g.cert,
+                           timeout=10)
+    assert pushed.status_code == 200 and pushed.json()["written_minutes"] == 1, pushed.text
+    # A certificate and key in one file (curl --cert FILE) does as well.
+    peer, status = tls_request(g.port, tls_client(listener_pki.trust, pki.client_combined))
+    assert (peer, status) == (listener_pki.der, 200)
+
+    stop_cleanly(g)
+    log = g.output()
+    assert "/v1/status" not in log and "/v1/jobs/reconcile" not in log and "Traceback" not in log
+    assert log.count(f'"POST {PUSH_PATH} ') == 2
+
+
+def test_the_readmes_curl_commands_over_mutual_tls(db, exporters, tls_gunicorns, listener_pki, pki):
+    if not shutil.which("curl"):
+        pytest.skip("curl is not installed")
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key, client_ca=pki.ca_path),
+                      trust=listener_pki.trust, cert=(pki.client_cert, pki.client_key), workers=1)
+
+    def curl(*args):
+        return subprocess.run(["curl", "-s", "--cacert", listener_pki.trust, *args], capture_output=True, text=True,
+                              timeout=30)
+
+    refused = curl(f"{g.url}/healthz")
+    assert refused.returncode != 0 and refused.stdout == ""
+    mutual = ["--cert", pki.client_cert, "--key", pki.client_key]
+    assert json.loads(curl(*mutual, f"{g.url}/healthz").stdout)["status"] == "starting"
+    job = curl(*mutual, "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}", f"{g.url}/v1/jobs/collect-and-rate")
+    assert job.returncode == 0 and json.loads(job.stdout)["status"] == "ok", job.stdout
+    no_token = curl(*mutual, "-X", "POST", f"{g.url}/v1/jobs/collect-and-rate")
+    assert json.loads(no_token.stdout) == {"error": "missing or wrong service token"}
+
+
+def test_replacing_the_client_ca_file_applies_to_new_connections(db, exporters, tls_gunicorns, listener_pki, pki,
+                                                                 tmp_path):
+    """Moving callers to a new client CA: both CAs in the file, then only the new one."""
+    clients = tmp_path / "clients.pem"
+    shutil.copyfile(pki.ca_path, clients)
+    g = tls_gunicorns(tls_env(db, exporters, listener_pki.cert, listener_pki.key, client_ca=str(clients)),
+                      trust=listener_pki.trust, cert=(pki.client_cert, pki.client_key), workers=1)
+    old_ca_client = tls_client(listener_pki.trust, pki.client_cert, pki.client_key)
+    new_ca_client = tls_client(listener_pki.trust, listener_pki.cert, listener_pki.key)  # a leaf of another CA
+
+    def served(client) -> bool:
+        try:
+            return tls_request(g.port, client)[1] == 200
+        except (ssl.SSLError, ConnectionError):
+            return False
+
+    assert (served(old_ca_client), served(new_ca_client)) == (True, False)
+    both = tmp_path / "both.pem"
+    both.write_bytes(open(pki.ca_path, "rb").read() + open(listener_pki.ca, "rb").read())
+    install_file(str(both), clients)
+    assert (served(old_ca_client), served(new_ca_client)) == (True, True)
+    install_file(listener_pki.ca, clients)
+    assert (served(old_ca_client), served(new_ca_client)) == (False, True)
+
+
+def test_rotating_the_certificate_needs_no_signal_and_drops_no_request(db, exporters, tls_gunicorns, listener_pki,
+                                                                        tmp_path):
+    """The README's rotation: the new key and certificate each written to a
+    temporary name and renamed over the old one, nothing else. Requests on new
+    connections, on one kept-alive connection and one in flight all succeed;
+    every new connection from the certificate's rename on gets the new one."""
+    assert listener_pki.der != listener_pki.next_der
+    live = tmp_path / "tls"
+    live.mkdir()
+    cert, key = live / "listener.pem", live / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    db.add_users(A)
+    g = tls_gunicorns(tls_env(db, exporters, cert, key), trust=listener_pki.trust, workers=2)
+    booted(g, 2)
+    workers = sorted(worker_pids(g.proc.pid))
+    client = tls_client(listener_pki.trust)  # trusts both CAs
+    stop = threading.Event()
+    fresh, kept = [], []  # (started, finished, peer certificate, status or the error)
+
+    def new_connections():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                peer, status = tls_request(g.port, client)
+            except Exception as exc:  # recorded, and fails the test below
+                peer, status = None, repr(exc)
+            fresh.append((started, time.monotonic(), peer, status))
+
+    def one_connection():
+        conn = http.client.HTTPSConnection("127.0.0.1", g.port, context=client, timeout=10)
+        try:
+            conn.connect()
+            first = conn.sock
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    conn.request("GET", "/api/ping")
+                    response = conn.getresponse()
+                    response.read()
+                    # http.client reconnects by itself after a close: the same socket is what proves none
+                    peer = conn.sock.getpeercert(binary_form=True) if conn.sock is first else None
+                    kept.append((started, time.monotonic(), peer, response.status))
+                except Exception as exc:
+                    kept.append((started, time.monotonic(), None, repr(exc)))
+                    return
+        finally:
+            conn.close()
+
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 50)), node=PUSH_NODE)
+    sent_head, release, in_flight = threading.Event(), threading.Event(), []
+
+    def chunks():
+        yield body[:20]
+        sent_head.set()
+        release.wait(60)
+        yield body[20:]
+
+    def slow_push():
+        try:
+            response = requests.post(g.url + PUSH_PATH, data=chunks(), headers={"Authorization": f"Bearer {TOKEN}"},
+                                     verify=listener_pki.trust, timeout=60)
+            in_flight.append((response.status_code, response.json()))
+        except Exception as exc:
+            in_flight.append(repr(exc))
+
+    def done_after(records, moment):
+        return sum(1 for started, _, _, status in records if started > moment and status == 200)
+
+    threads = [threading.Thread(target=target) for target in (new_connections, one_connection, slow_push)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: sent_head.is_set() and done_after(fresh, 0) >= 3 and done_after(kept, 0) >= 3,
+                 what="requests flowing under the first certificate")
+
+        # The new key first: until the certificate follows, it matches nothing, and the listener
+        # keeps presenting the pair it has.
+        install_file(listener_pki.next_key, key)
+        for _ in range(5):
+            assert tls_request(g.port, client) == (listener_pki.der, 200)
+        wait_for(lambda: '"event": "listener_tls_reload_failed"' in g.output(),
+                 what="a worker to notice the half-done rotation")
+
+        # The certificate: from its rename on, every new connection gets it.
+        before_rename = time.monotonic()
+        install_file(listener_pki.next_cert, cert)
+        renamed = time.monotonic()
+        for _ in range(5):
+            assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+        wait_for(lambda: done_after(fresh, renamed) >= 3 and done_after(kept, renamed) >= 3,
+                 what="requests flowing under the new certificate")
+        release.set()
+        threads[2].join(60)
+    finally:
+        release.set()
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+
+    assert [r for r in fresh + kept if r[3] != 200] == []
+    assert in_flight[0][0] == 200 and in_flight[0][1]["written_minutes"] == 1, in_flight
+    assert {r[2] for r in fresh if r[1] < before_rename} == {listener_pki.der}
+    assert {r[2] for r in fresh if r[0] > renamed} == {listener_pki.next_der}
+    # The kept-alive connection was never dropped: one socket, the old certificate, to the end.
+    assert {r[2] for r in kept} == {listener_pki.der} and done_after(kept, renamed) >= 3
+    # No signal, no restart: the same workers throughout.
+    assert sorted(worker_pids(g.proc.pid)) == workers
+    stop_cleanly(g)
+    log = g.output()
+    assert log.count('"event": "listener_tls_reloaded"') >= 1 and "Traceback" not in log
+
+
+def test_a_worker_started_during_a_half_done_rotation_serves_the_pair_the_arbiter_loaded(
+        db, exporters, tls_gunicorns, listener_pki, tmp_path):
+    """A worker that replaces a dead one while the key is new and the
+    certificate still old has never built a context of its own: it falls back
+    on the arbiter's, then takes the new pair once the certificate follows."""
+    cert, key = tmp_path / "listener.pem", tmp_path / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    g = tls_gunicorns(tls_env(db, exporters, cert, key), trust=listener_pki.trust, workers=1)
+    booted(g, 1)
+    (first,) = worker_pids(g.proc.pid)
+    client = tls_client(listener_pki.trust)
+    install_file(listener_pki.next_key, key)
+    os.kill(first, signal.SIGKILL)
+    (second,) = wait_for(lambda: [pid for pid in worker_pids(g.proc.pid) if pid != first], what="a new worker")
+    booted(g, 2)  # its "Booting worker" line: it is ready to accept
+    for _ in range(3):
+        assert tls_request(g.port, client) == (listener_pki.der, 200)
+    assert worker_pids(g.proc.pid) == [second]
+    install_file(listener_pki.next_cert, cert)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+    stop_cleanly(g)
+
+
+def test_a_reload_after_a_rotation_keeps_serving_and_one_in_the_middle_stops_the_service(
+        db, exporters, tls_gunicorns, listener_pki, tmp_path):
+    """SIGHUP (systemctl reload) is not part of a rotation: after both renames
+    it changes nothing a client sees; between them, the reload checks the
+    files like a start and stops gunicorn (exit 2) naming the variables."""
+    cert, key = tmp_path / "listener.pem", tmp_path / "listener.key"
+    shutil.copyfile(listener_pki.cert, cert)
+    shutil.copyfile(listener_pki.key, key)
+    g = tls_gunicorns(tls_env(db, exporters, cert, key), trust=listener_pki.trust, workers=1)
+    booted(g, 1)
+    client = tls_client(listener_pki.trust)
+    install_file(listener_pki.next_key, key)
+    install_file(listener_pki.next_cert, cert)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+
+    def replaced(old: int) -> int:
+        def new_only():
+            pids = worker_pids(g.proc.pid)
+            return pids if pids and old not in pids else None
+        (new,) = wait_for(new_only, what="the worker replaced")
+        return new
+
+    (first,) = worker_pids(g.proc.pid)
+    g.proc.send_signal(signal.SIGHUP)
+    second = replaced(first)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+    # The arbiter loaded the pair again on reload: a worker that boots mid-rotation falls back on it.
+    install_file(listener_pki.key, key)
+    os.kill(second, signal.SIGKILL)
+    replaced(second)
+    booted(g, 3)
+    assert tls_request(g.port, client) == (listener_pki.next_der, 200)
+
+    g.proc.send_signal(signal.SIGHUP)
+    assert g.proc.wait(timeout=30) == 2
+    assert "billing-service: configuration error: TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM " \
+           "(KEY_VALUES_MISMATCH)" in g.output()
+
+
 # ---- collector: job runs, replays, takeover, crashes, concurrency ------------------------
 
 def test_one_sample_without_profile_charges_price_and_throttles(db, exporters, service):
@@ -5310,6 +5872,153 @@ def test_dry_run_passes_preflight_and_renders_the_plan_without_touching_the_host
     assert DB_PASSWORD not in done.output and TOKEN not in done.output
     assert not os.path.exists(root), "check mode must not write anything"
     assert user_exists(SERVICE_USER) == had_user
+
+
+# The listener's TLS files through the playbook (billing_tls_*): preflight, the service user's read, the env file.
+
+def place_tls_files(directory: str, listener_pki, pki, key_mode: int = 0o640, group: int = -1) -> dict:
+    """The listener's certificate, key (for the service's group) and client CA
+    in a directory others may traverse, as playbook variables."""
+    os.makedirs(directory, exist_ok=True)
+    os.chmod(directory, 0o755)
+    files = {}
+    for name, original, mode in (("billing_tls_cert_file", listener_pki.cert, 0o644),
+                                 ("billing_tls_key_file", listener_pki.key, key_mode),
+                                 ("billing_tls_client_ca_file", pki.ca_path, 0o644)):
+        files[name] = os.path.join(directory, name.replace("billing_tls_", "").replace("_file", ".pem"))
+        shutil.copyfile(original, files[name])
+        os.chown(files[name], -1, group)
+        os.chmod(files[name], mode)
+    return files
+
+
+def test_dry_run_checks_the_listener_tls_files_as_the_service_user(tmp_path, listener_pki, pki):
+    """Check mode still reads the files, as the service user: a key it cannot
+    read or a key of another certificate fails, naming the variable; a user
+    the play has yet to create is reported unchecked and the dry run passes."""
+    root = str(tmp_path / "host")
+    sources = [{"source_id": "a", "base_url": "http://127.0.0.1:9108"}]
+    user = "nobody" if IS_ROOT else pwd.getpwuid(os.getuid()).pw_name  # exists, and is not root
+    directory = tempfile.mkdtemp(prefix="billing-deploy-tls-")
+    try:
+        files = place_tls_files(directory, listener_pki, pki, group=pwd.getpwnam(user).pw_gid)
+        key = files["billing_tls_key_file"]
+        env = ansible_env(DATABASE_URL=f"postgresql://billing:{DB_PASSWORD}@db.invalid/account",
+                          INTERNAL_SERVICE_TOKEN=TOKEN)
+
+        def dry_run(**values):
+            return playbook(local_inventory(tmp_path), "-D", "-C", "-v", vars_file(
+                tmp_path, "vars.json", deploy_vars(root, sources, **{"billing_user": user,
+                                                                      "billing_create_user": False,
+                                                                      **files, **values})), env=env)
+
+        done = dry_run()
+        assert done.returncode == 0, done.output
+        assert f"readable by {user} and usable" in done.stdout, done.output
+        os.chmod(key, 0o600 if IS_ROOT else 0)  # root's own key, or nobody's read bit
+        done = dry_run()
+        assert done.returncode != 0 and recap(done.output)["failed"] == 1
+        assert f"TLS_KEY_FILE: {key} is not readable by {user} (Permission denied)" in done.output, done.output
+        install_file(listener_pki.next_key, key)  # readable again, but not this certificate's key
+        os.chmod(key, 0o644)
+        done = dry_run()
+        assert done.returncode != 0
+        assert "TLS_CERT_FILE/TLS_KEY_FILE: not usable as PEM (KEY_VALUES_MISMATCH)" in done.output, done.output
+        key_line = open(key).read().splitlines()[1]
+        assert key_line not in done.output
+
+        # First deploy: the service user does not exist yet.
+        assert not user_exists("billing-tls-new")
+        done = dry_run(billing_user="billing-tls-new", billing_create_user=IS_ROOT)
+        assert done.returncode == 0, done.output
+        assert "not checked: the service user billing-tls-new does not exist yet" in done.stdout
+        assert not user_exists("billing-tls-new") and not os.path.exists(root)
+    finally:
+        shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"billing_tls_cert_file": "/etc/billing-service/tls/listener.pem"}, "billing_tls_cert_file (TLS_CERT_FILE) and"),
+    ({"billing_tls_cert_file": "tls/listener.pem", "billing_tls_key_file": "tls/listener.key"},
+     "each is an absolute path on the host outside /home"),
+    ({"billing_tls_cert_file": "/root/listener.pem", "billing_tls_key_file": "/root/listener.key"},
+     "each is an absolute path on the host outside /home"),
+    ({"billing_tls_cert_file": "/etc/b/listener.pem", "billing_tls_key_file": "/etc/b/listener.key",
+      "billing_tls_client_ca_file": "/etc/b/clients.pem", "billing_manage_service": True},
+     "set billing_healthz_client_cert and billing_healthz_client_key"),
+])
+def test_dry_run_refuses_listener_tls_variables_that_cannot_work(tmp_path, values, message):
+    done = playbook(local_inventory(tmp_path), "-C", vars_file(tmp_path, "vars.json", deploy_vars(
+        str(tmp_path / "host"), [{"source_id": "a", "base_url": "http://127.0.0.1:9108"}], **values)),
+        env=ansible_env(DATABASE_URL="postgresql://billing@db.invalid/account", INTERNAL_SERVICE_TOKEN=TOKEN))
+    assert done.returncode != 0 and message in done.output, done.output
+    assert recap(done.output)["failed"] == 1 and "TASK [System packages" not in done.output
+
+
+@pytest.fixture
+def tls_service_user():
+    """A service user of its own: SERVICE_USER is shared with the suites of
+    other checkouts on this machine, whose teardown may remove it meanwhile."""
+    name = "billing-tls-test"
+    had_user = user_exists(name)
+    yield name
+    if IS_ROOT and not had_user and user_exists(name):
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
+        db, exporters, deploy_root, tls_service_user, tmp_path, listener_pki, pki):
+    """The three variables reach the env file; the unit's command, as its user,
+    serves HTTPS with that certificate to clients of that CA only."""
+    # The play creates the service user: nothing can be its group's before it runs.
+    files = place_tls_files(os.path.join(deploy_root, "tls"), listener_pki, pki, key_mode=0o644)
+    server = exporters([])
+    db.set_watermark("a", at(-1))
+    port = free_port()
+    values = deploy_vars(deploy_root, [source("a", server)], billing_listen_addr=f"127.0.0.1:{port}",
+                         billing_apply_schema=False, **files)
+    if IS_ROOT:
+        values["billing_user"] = tls_service_user
+    done = playbook(local_inventory(tmp_path), vars_file(tmp_path, "vars.json", values),
+                    env=ansible_env(DATABASE_URL=db.url, INTERNAL_SERVICE_TOKEN=TOKEN))
+    assert done.returncode == 0, done.output
+    env_path = f"{values['billing_config_dir']}/billing-service.env"
+    with open(env_path) as handle:
+        env_text = handle.read()
+    assert {name: value for name, value in parse_env_file(env_text).items() if name.startswith("TLS_")} == {
+        "TLS_CERT_FILE": files["billing_tls_cert_file"], "TLS_KEY_FILE": files["billing_tls_key_file"],
+        "TLS_CLIENT_CA_FILE": files["billing_tls_client_ca_file"]}
+
+    with open(f"{values['billing_unit_dir']}/billing-service.service") as handle:
+        unit = parse_unit(handle.read())
+    argv, unit_env, cwd = unit_process(unit, env_text)
+    user = {"user": unit[("Service", "User")][0], "group": unit[("Service", "Group")][0], "extra_groups": []} \
+        if IS_ROOT else {}
+    log = open(tmp_path / "service.log", "w+")
+    proc = subprocess.Popen(argv, cwd=cwd, env=unit_env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, **user)
+    url = f"https://127.0.0.1:{port}/healthz"
+    try:
+        def healthy():
+            assert proc.poll() is None, open(tmp_path / "service.log").read()
+            try:
+                return requests.get(url, verify=listener_pki.trust, cert=(pki.client_cert, pki.client_key),
+                                    timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_for(healthy, timeout=60, interval=0.2, what="/healthz 200 over mutual TLS from the installed unit")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url, verify=listener_pki.trust, timeout=10)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode == 0, open(tmp_path / "service.log").read()
 
 
 def bare_database(cluster) -> str:
