@@ -6760,3 +6760,422 @@ def test_bench_backlog_catch_up():
             exporter.terminate()
             exporter.wait(10)
         pg.stop()
+
+
+# ---- benchmark: ./deploy/local.sh bench --history N (skipped by the test command) -----------------
+#
+# The same catch-up twice in one run, into one durable cluster on PostgreSQL's default settings: 30
+# snapshots x 10,000 accounts into the empty database, then N rows of older history bulk-loaded (buckets
+# and ledger rows shaped like the service's own, ids from app.ledger_id), then the next 30 snapshots.
+
+HISTORY_TABLES = ("billing_ledger", "traffic_minute_buckets")
+SAMPLES_PER_DAY = 14_400_000  # 10,000 active accounts, one sample a minute each
+
+# The demo exporter's synthetic counters (counting from `start`), served only between two snapshot times
+# that the benchmark sets on stdin ("first_ns last_ns"; answered "ok"): one phase's snapshots, no more,
+# so each phase fetches exactly its own minutes whatever the service's re-read overlap.
+PHASE_EXPORTER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from datetime import datetime, timezone
+from deploy import demo_exporter as dx
+
+class Phase(dx.SyntheticTimeline):
+    first = last = -1
+
+    def times(self):
+        return list(range(self.first, self.last + 1, self.step_ns)) if self.first >= 0 else []
+
+timeline = Phase(dx.demo_accounts(int(sys.argv[3])), datetime.fromtimestamp(int(sys.argv[4]), timezone.utc), 60.0)
+server = dx.ExporterServer(timeline, [sys.argv[2]]).start()
+print(server.url, flush=True)
+for line in sys.stdin:
+    first, last = (int(word) for word in line.split())
+    with timeline.lock:
+        timeline.first, timeline.last = first, last
+    print("ok", flush=True)
+"""
+
+
+class DefaultsCluster(Cluster):
+    """One durable cluster on PostgreSQL's own settings (pg-start --defaults, plus BENCH_PG_SETTINGS)
+    and one database with the users stub and schema.sql."""
+
+    def __init__(self, directory: str):
+        self.dir, self.port = directory, free_port()
+        self.admin_dsn = subprocess.run(
+            [os.path.join(ROOT, "deploy", "local.sh"), "pg-start", directory, str(self.port), "--defaults"],
+            check=True, capture_output=True, text=True).stdout.strip()
+        admin = self.admin()
+        with admin.cursor() as cur:
+            cur.execute("CREATE ROLE billing LOGIN PASSWORD %s", (DB_PASSWORD,))
+            cur.execute("CREATE DATABASE billing_bench OWNER billing")
+        admin.close()
+        with psycopg2.connect(self.url("billing_bench")) as conn, conn.cursor() as cur:
+            cur.execute(open(os.path.join(ROOT, "deploy", "users_stub.sql")).read())
+            cur.execute(open(os.path.join(ROOT, "schema.sql")).read())
+        conn.close()
+
+    def superuser(self, name: str = "billing_bench"):
+        """A superuser connection to database `name` (statistics, CHECKPOINT, the bulk load)."""
+        conn = psycopg2.connect(self.admin_dsn.rsplit("/", 1)[0] + "/" + name)
+        conn.autocommit = True
+        return conn
+
+
+def io_counters(conn) -> dict:
+    """Cumulative counters: the cluster's WAL and checkpoints; this database's blocks read from outside
+    shared_buffers (all user tables; per table and per index of HISTORY_TABLES), buffer hits, rows
+    inserted and autovacuum runs."""
+    out = {}
+    with conn.cursor() as cur:
+        cur.execute("SELECT wal_bytes, wal_fpi, wal_records FROM pg_stat_wal")
+        out["wal_bytes"], out["wal_fpi"], out["wal_records"] = (int(v) for v in cur.fetchone())
+        cur.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+        out["checkpoints"] = cur.fetchone()[0]
+        cur.execute("""SELECT relname, coalesce(heap_blks_read, 0), coalesce(idx_blks_read, 0),
+                              coalesce(toast_blks_read, 0) + coalesce(tidx_blks_read, 0),
+                              coalesce(heap_blks_hit, 0) + coalesce(idx_blks_hit, 0) + coalesce(toast_blks_hit, 0)
+                                + coalesce(tidx_blks_hit, 0)
+                       FROM pg_statio_user_tables""")
+        out["read"] = out["hit"] = out["read other"] = 0
+        for table, heap, index, toast, hit in cur.fetchall():
+            out["read"] += heap + index + toast
+            out["hit"] += hit
+            if table in HISTORY_TABLES:
+                out["heap", table] = heap + toast
+            else:
+                out["read other"] += heap + index + toast
+        cur.execute("SELECT indexrelname, idx_blks_read FROM pg_statio_user_indexes WHERE relname = ANY(%s)",
+                    (list(HISTORY_TABLES),))
+        for index, read in cur.fetchall():
+            out["index", index] = read
+        cur.execute("""SELECT relname, n_tup_ins, autovacuum_count + autoanalyze_count FROM pg_stat_user_tables
+                       WHERE relname = ANY(%s)""", (list(HISTORY_TABLES),))
+        for table, inserted, autovacuums in cur.fetchall():
+            out["inserted", table], out["autovacuum", table] = inserted, autovacuums
+    return out
+
+
+def relation_sizes(conn) -> dict:
+    """{name: (table, bytes)} of each HISTORY_TABLES heap (with its TOAST) and each of its indexes, each
+    table before its indexes."""
+    with conn.cursor() as cur:
+        cur.execute("""SELECT t.relname, t.relname, pg_table_size(t.oid), 0 FROM pg_class t
+                       WHERE t.relname = ANY(%s) AND t.relkind = 'r'
+                       UNION ALL
+                       SELECT t.relname, i.relname, pg_relation_size(i.oid), 1 FROM pg_index x
+                       JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+                       WHERE t.relname = ANY(%s) ORDER BY 1, 4, 2""", (list(HISTORY_TABLES), list(HISTORY_TABLES)))
+        return {name: (table, size) for table, name, size, _ in cur.fetchall()}
+
+
+def settled_counters(conn, before: dict, ledger_rows: int) -> dict:
+    """The counters once the phase's writer has reported its statistics (PostgreSQL flushes a
+    backend's counters at most once a second, and when it exits): its ledger rows counted, then two
+    readings a second apart alike (or 15 s)."""
+    wait_for(lambda: io_counters(conn)["inserted", "billing_ledger"] - before["inserted", "billing_ledger"]
+             >= ledger_rows, timeout=60, interval=0.5, what="the phase's ledger rows in pg_stat_user_tables")
+    reading, deadline = io_counters(conn), time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        again = io_counters(conn)
+        if again == reading:
+            break
+        reading = again
+    return reading
+
+
+def history_ledger_chunks(accounts: list, first: datetime, minutes: int, shape: dict, price: float):
+    """The history's ledger rows in COPY text format, one minute (one row per account) per chunk, the
+    ids from app.ledger_id(bucket_start, storage node, account, region, line_code, collected_at) with
+    every argument positional: whatever id format app.py writes, the history has it."""
+    node, region, line = shape["node_id"], shape["region"], shape["line_code"]
+    kind, version = shape["entry_type"], shape["pricing_rule_version"]
+    rated = [(a, 4000 + i % 7 + i % 11) for i, a in enumerate(accounts)]
+    for k in range(minutes):
+        start = first + k * MINUTE
+        collected = start  # the synthetic exporter's snapshots fall on the minute
+        end = start + MINUTE
+        middle = f"\t{start.isoformat()}\t{end.isoformat()}\t{kind}\t"
+        tail = f"\t{version}\t{(end + timedelta(seconds=2)).isoformat()}\n"
+        yield "".join(
+            f"{billing.ledger_id(start, node, a, region, line, collected)}\t{a}{middle}{b}\t{-b * price!r}\t"
+            f"{10.0 - b * price * (k + 1)!r}{tail}" for a, b in rated).encode()
+
+
+class ChunkReader:
+    """A file-like object over byte chunks, for COPY FROM STDIN (one chunk per read)."""
+
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
+
+    def read(self, size=-1) -> bytes:
+        return next(self.chunks, b"")
+
+
+def load_history(conn, accounts: list, first: datetime, minutes: int, price: float) -> tuple[list, float]:
+    """Bulk-load `minutes` x accounts older buckets and as many ledger rows (before `first` + minutes),
+    shaped like the rows the service wrote in phase 1, plus the series' checkpoints: the indexes and
+    unique constraints of both tables dropped first and built after, FK triggers off during the load
+    (session_replication_role = replica; checked after with one anti-join per table), VACUUM ANALYZE,
+    CHECKPOINT. Returns (lines saying what was done, total seconds)."""
+    done, began = [], time.perf_counter()
+
+    def step(what: str, sql: str | None = None, params=None, action=None):
+        clock = time.perf_counter()
+        with conn.cursor() as cur:
+            result = action(cur) if action else cur.execute(sql, params)
+            count = cur.rowcount
+        done.append(f"{what}: {time.perf_counter() - clock:.1f} s" + (f", {count:,} rows" if count > 0 else ""))
+        return result
+
+    with conn.cursor() as cur:
+        # The rows the service wrote in phase 1 give the history its shape.
+        cur.execute("""SELECT DISTINCT node_id, region, line_code, multiplier, rating_status, source_revision
+                       FROM traffic_minute_buckets""")
+        buckets_shape = cur.fetchall()
+        cur.execute("SELECT DISTINCT entry_type, pricing_rule_version, bucket_end - bucket_start FROM billing_ledger")
+        ledger_shape = cur.fetchall()
+        cur.execute("SELECT DISTINCT node_id FROM traffic_stat_checkpoints")
+        series_nodes = [row[0] for row in cur.fetchall()]
+        cur.execute("""SELECT t.relname, coalesce(c.conname, i.relname),
+                              CASE WHEN c.oid IS NULL THEN pg_get_indexdef(i.oid)
+                                   ELSE format('ALTER TABLE %%I ADD CONSTRAINT %%I %%s', t.relname, c.conname,
+                                               pg_get_constraintdef(c.oid)) END,
+                              CASE WHEN c.oid IS NULL THEN format('DROP INDEX %%I', i.relname)
+                                   ELSE format('ALTER TABLE %%I DROP CONSTRAINT %%I', t.relname, c.conname) END
+                       FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+                       LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
+                                                AND c.contype IN ('p', 'u', 'x')
+                       WHERE t.relname = ANY(%s) ORDER BY 1, 2""", (list(HISTORY_TABLES),))
+        indexes = cur.fetchall()
+    assert len(buckets_shape) == 1 and len(ledger_shape) == 1 and ledger_shape[0][2] == MINUTE, \
+        (buckets_shape, ledger_shape)
+    assert series_nodes and indexes
+    node, region, line, multiplier, status, revision = buckets_shape[0]
+    kind, version, _ = ledger_shape[0]
+    shape = {"node_id": node, "region": region, "line_code": line, "entry_type": kind,
+             "pricing_rule_version": version}
+    assert not any(ch in value for value in shape.values() for ch in "\t\n\r\\"), shape
+    last = first + (minutes - 1) * MINUTE
+    done.append(f"shape from phase 1: node_id {node!r}, region {region!r}, line_code {line!r}, "
+                f"entry_type {kind!r}, pricing_rule_version {version!r}; {minutes:,} minutes "
+                f"{first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} x {len(accounts):,} accounts")
+    # How the history's ids relate to the ones the service wrote in phase 1 (said, not asserted: the
+    # history's ids are app.ledger_id's, whichever way the service calls it).
+    with conn.cursor() as cur:
+        cur.execute("SELECT id::text, bucket_start, account_uuid::text FROM billing_ledger ORDER BY id LIMIT 5")
+        own = cur.fetchall()
+    with_time = sum(i == billing.ledger_id(b, node, a, region, line, b) for i, b, a in own)
+    without = sum(i == billing.ledger_id(b, node, a, region, line, None) for i, b, a in own)
+    done.append(f"ledger ids: app.ledger_id(bucket_start, {node!r}, account, {region!r}, {line!r}, collected_at "
+                f"= bucket_start), e.g. {billing.ledger_id(first, node, accounts[0], region, line, first)}; of "
+                f"{len(own)} ids the service wrote in phase 1, {with_time} equal that call and {without} the same "
+                "call with None as the sixth argument")
+
+    with conn.cursor() as cur:
+        cur.execute("SET session_replication_role = replica")
+        cur.execute("SET maintenance_work_mem = '1GB'")  # this session's index builds only
+    for table, name, _, drop in indexes:
+        step(f"drop {name}", drop)
+    step("COPY billing_ledger (ids from app.ledger_id, streamed from Python a minute at a time)",
+         action=lambda cur: cur.copy_expert(
+             "COPY billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes, "
+             "amount_delta, balance_after, pricing_rule_version, created_at) FROM STDIN",
+             ChunkReader(history_ledger_chunks(accounts, first, minutes, shape, price)), size=1 << 20))
+    # Minute after minute, the accounts in the exporter's order within each: the service's heap order.
+    step("INSERT ... SELECT generate_series traffic_minute_buckets", """
+        INSERT INTO traffic_minute_buckets (bucket_start, node_id, account_uuid, region, line_code, uplink_bytes,
+                                            downlink_bytes, total_bytes, multiplier, rating_status, source_revision,
+                                            created_at, updated_at)
+        SELECT m, %(node)s, a.uuid, %(region)s, %(line)s, 1000 + (a.i - 1) %% 7, 3000 + (a.i - 1) %% 11,
+               4000 + (a.i - 1) %% 7 + (a.i - 1) %% 11, %(multiplier)s, %(status)s, %(revision)s,
+               m + interval '62 seconds', m + interval '62 seconds'
+        FROM generate_series(%(first)s::timestamptz, %(last)s::timestamptz, interval '1 minute') AS m,
+             LATERAL (SELECT * FROM unnest(%(accounts)s::uuid[]) WITH ORDINALITY AS u(uuid, i)
+                      WHERE m IS NOT NULL ORDER BY i) AS a""",
+         dict(node=node, region=region, line=line, multiplier=multiplier, status=status, revision=revision,
+              first=first, last=last, accounts=accounts))
+    # Each series' checkpoint as of the history's last minute; phase 1's are newer and stay.
+    step("INSERT traffic_stat_checkpoints (ON CONFLICT DO NOTHING)", """
+        INSERT INTO traffic_stat_checkpoints (node_id, account_uuid, last_uplink_total, last_downlink_total,
+                                              last_seen_at)
+        SELECT n, a, 0, 0, %s FROM unnest(%s::text[]) AS n, unnest(%s::uuid[]) AS a
+        ON CONFLICT (node_id, account_uuid) DO NOTHING""", (last, series_nodes, accounts))
+    for table, name, create, _ in indexes:
+        step(f"build {name}", create)
+    with conn.cursor() as cur:
+        cur.execute("RESET session_replication_role")
+        for table in HISTORY_TABLES:
+            cur.execute(f"SELECT count(*) FROM {table} r WHERE NOT EXISTS (SELECT 1 FROM users u "
+                        "WHERE u.uuid = r.account_uuid)")
+            assert cur.fetchone()[0] == 0, f"{table}: rows of accounts missing from users"
+    done.append("foreign keys checked: every row's account is in users")
+    step("VACUUM ANALYZE", "VACUUM ANALYZE")
+    step("CHECKPOINT", "CHECKPOINT")
+    return done, time.perf_counter() - began
+
+
+def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accounts: int) -> dict:
+    """One catch-up of `snapshots` x n_accounts samples from `first`, after a CHECKPOINT, through the
+    service's HTTP job endpoint; its time, counter deltas and rows checked."""
+    exporter.stdin.write(f"{dx.to_ns(first)} {dx.to_ns(first + (snapshots - 1) * MINUTE)}\n")
+    exporter.stdin.flush()
+    assert exporter.stdout.readline().strip() == "ok"
+    with stats.cursor() as cur:
+        cur.execute("CHECKPOINT")
+    before = io_counters(stats)
+    began = time.perf_counter()
+    status, result = service.post(timeout=3600)
+    elapsed = time.perf_counter() - began
+    assert status == 200 and result["status"] == "ok", result
+    samples = snapshots * n_accounts
+    assert result["processed_samples"] == samples, result
+    after = settled_counters(stats, before, samples)
+    with stats.cursor() as cur:
+        # Speed buys nothing off the bill: every byte of the phase is in it, once.
+        cur.execute("""SELECT count(*), sum(total_bytes) FROM traffic_minute_buckets
+                       WHERE bucket_start BETWEEN %s AND %s""", (first, first + (snapshots - 1) * MINUTE))
+        buckets = cur.fetchone()
+        cur.execute("SELECT count(*) FROM billing_ledger WHERE bucket_start BETWEEN %s AND %s",
+                    (first, first + (snapshots - 1) * MINUTE))
+        ledger = cur.fetchone()[0]
+    assert buckets == (samples, snapshots * sum(4000 + i % 7 + i % 11 for i in range(n_accounts))), buckets
+    assert ledger == samples, ledger
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    return {"seconds": elapsed, "samples": samples, "delta": delta, "sizes": relation_sizes(stats)}
+
+
+def ratio_text(new: float, old: float) -> str:
+    return f"{new / old:.2f}" if old else ("-" if not new else "from 0")
+
+
+def print_history_report(settings_text, load_lines, load_seconds, history_rows, phases, loaded_sizes):
+    one, two = phases
+    per = [{k: v / p["samples"] for k, v in p["delta"].items()} for p in phases]
+    rows = [("samples/s", one["samples"] / one["seconds"], two["samples"] / two["seconds"], "{:,.0f}"),
+            ("seconds", one["seconds"], two["seconds"], "{:.1f}"),
+            ("WAL bytes/sample", per[0]["wal_bytes"], per[1]["wal_bytes"], "{:,.0f}"),
+            ("full-page images/sample", per[0]["wal_fpi"], per[1]["wal_fpi"], "{:.3f}"),
+            ("WAL records/sample", per[0]["wal_records"], per[1]["wal_records"], "{:.2f}"),
+            ("blocks read/sample, all tables", per[0]["read"], per[1]["read"], "{:.3f}")]
+    for name, (table, _) in two["sizes"].items():
+        key = ("heap", name) if name == table else ("index", name)
+        rows.append((f"  {name} ({key[0]})", per[0].get(key, 0), per[1].get(key, 0), "{:.3f}"))
+    rows += [("  other tables (heap + indexes)", per[0]["read other"], per[1]["read other"], "{:.3f}"),
+             ("buffer hits/sample, all tables", per[0]["hit"], per[1]["hit"], "{:.1f}"),
+             ("checkpoints during the phase", one["delta"]["checkpoints"], two["delta"]["checkpoints"], "{:.0f}"),
+             ("autovacuum + autoanalyze runs, both tables",
+              sum(v for k, v in one["delta"].items() if isinstance(k, tuple) and k[0] == "autovacuum"),
+              sum(v for k, v in two["delta"].items() if isinstance(k, tuple) and k[0] == "autovacuum"), "{:.0f}")]
+    print(f"\nbench-history: PostgreSQL settings: {settings_text}")
+    print(f"bench-history: history {history_rows:,} rows loaded in {load_seconds:.0f} s:")
+    for line in load_lines:
+        print(f"bench-history:   {line}")
+    print(f"bench-history: phase 1 = {one['samples']:,} samples into the empty database; phase 2 = the next "
+          f"{two['samples']:,} samples with the history; each after a CHECKPOINT, through gunicorn (1 worker); "
+          "per sample = per billed sample; WAL and checkpoints are the cluster's; blocks read = blocks not "
+          "found in shared_buffers (read from the OS, new pages included)\n")
+    print("| figure | phase 1: empty database | phase 2: with history | ratio 2/1 |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, a, b, fmt in rows:
+        print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio_text(b, a)} |")
+    mib = 1 << 20
+    print("\n| relation | MiB after phase 1 | MiB after the load | MiB after phase 2 |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (_, size) in two["sizes"].items():
+        print(f"| {name} | {one['sizes'].get(name, (0, 0))[1] / mib:,.1f} | "
+              f"{loaded_sizes.get(name, (0, 0))[1] / mib:,.1f} | {size / mib:,.1f} |")
+    # Phase 1 started from empty tables: what they hold after it is what its samples added.
+    print(f"\nbench-history: growth per day at 10,000 active accounts ({SAMPLES_PER_DAY / 1e6:.1f} M samples/day), "
+          "from phase 1 (bytes per sample x samples per day):\n")
+    print("| relation | rows/day | bytes/sample | GiB/day |")
+    print("| --- | ---: | ---: | ---: |")
+    total = 0.0
+    for name, (table, size) in one["sizes"].items():
+        per_sample = size / one["samples"]
+        total += per_sample
+        rows_day = f"{one['rows'][name] / one['samples'] * SAMPLES_PER_DAY / 1e6:.1f} M" if name == table else ""
+        print(f"| {name} | {rows_day} | {per_sample:,.1f} | {per_sample * SAMPLES_PER_DAY / (1 << 30):,.2f} |")
+    print(f"| both tables with their indexes | | {total:,.1f} | {total * SAMPLES_PER_DAY / (1 << 30):,.2f} |")
+    print(f"| WAL (phase 1) | | {per[0]['wal_bytes']:,.0f} | "
+          f"{per[0]['wal_bytes'] * SAMPLES_PER_DAY / (1 << 30):,.2f} |")
+
+
+@bench
+def test_bench_history_catch_up():
+    """The catch-up into an empty database and into one holding BENCH_HISTORY (default 20 M) rows of
+    older buckets and ledger entries, in one run on one durable cluster with PostgreSQL's default
+    settings (plus BENCH_PG_SETTINGS): samples/s, WAL bytes, full-page images and blocks read per
+    sample of each phase, with the ratios; the sizes of both tables' indexes; a day's growth."""
+    n_accounts = int(os.environ.get("BENCH_ACCOUNTS", "10000"))
+    n_snapshots = int(os.environ.get("BENCH_SNAPSHOTS", "30"))
+    history_rows = int(os.environ.get("BENCH_HISTORY") or "20000000")
+    minutes = history_rows // (2 * n_accounts)  # half buckets, half ledger rows
+    assert minutes >= 1, f"BENCH_HISTORY={history_rows} is under one minute of {n_accounts} accounts"
+    price = 0.000001
+    directory = tempfile.mkdtemp(prefix="billing-bench-history-pg-")
+    os.chmod(directory, 0o755)
+    pg = DefaultsCluster(directory)
+    exporter = service = stats = None
+    try:
+        stats = pg.superuser()
+        with stats.cursor() as cur:
+            cur.execute("SELECT version()")
+            version = cur.fetchone()[0].split(" on ")[0]
+            cur.execute("""SELECT name || '=' || current_setting(name) FROM pg_settings WHERE name IN
+                           ('fsync', 'full_page_writes', 'synchronous_commit', 'shared_buffers', 'wal_compression',
+                            'checkpoint_timeout', 'max_wal_size', 'wal_buffers', 'autovacuum') ORDER BY name""")
+            settings_text = f"{version}; " + ", ".join(row[0] for row in cur.fetchall())
+            cur.execute("SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings "
+                        "WHERE source = 'command line' AND name NOT IN ('port', 'listen_addresses', "
+                        "'unix_socket_directories')")
+            extra = cur.fetchone()[0]
+            settings_text += f"; set on the command line: {extra or 'nothing'}"
+        db = Db(pg.url("billing_bench"))
+        accounts = dx.demo_accounts(n_accounts)
+        db.q("INSERT INTO users (uuid) SELECT unnest(%s::uuid[])", (accounts,))
+        # Phase 1's first minute: far enough back that both phases are whole past minutes; history before it.
+        start = datetime.now(UTC).replace(second=0, microsecond=0) - (2 * n_snapshots + 2) * MINUTE
+        exporter = subprocess.Popen(
+            [sys.executable, "-c", PHASE_EXPORTER, ROOT, TOKEN, str(n_accounts), str(int(start.timestamp()))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        exporter_url = exporter.stdout.readline().strip()
+        assert exporter_url.startswith("http://127.0.0.1:"), exporter_url
+        db.set_watermark("bench", start - MINUTE)
+        bench_source = {"source_id": "bench", "base_url": exporter_url, "expected_node_id": "demo-node",
+                        "expected_env": "demo", "timeout_seconds": 120}
+        service = Gunicorn(service_env(db, [bench_source], PRICE_PER_BYTE=str(price)), workers=1).start()
+
+        one = run_phase(service, exporter, stats, start, n_snapshots, n_accounts)
+        with stats.cursor() as cur:
+            cur.execute("SELECT count(*) FROM billing_ledger")
+            ledger_rows = cur.fetchone()[0]
+            cur.execute("SELECT count(*) FROM traffic_minute_buckets")
+            one["rows"] = dict(zip(HISTORY_TABLES, (ledger_rows, cur.fetchone()[0])))
+
+        load_lines, load_seconds = load_history(stats, accounts, start - minutes * MINUTE, minutes, price)
+        loaded_sizes = relation_sizes(stats)
+        with stats.cursor() as cur:
+            cur.execute("SELECT count(*) FROM billing_ledger WHERE bucket_start < %s", (start,))
+            assert cur.fetchone()[0] == minutes * n_accounts
+            cur.execute("SELECT count(*), sum(total_bytes) FROM traffic_minute_buckets WHERE bucket_start < %s",
+                        (start,))
+            assert cur.fetchone() == (minutes * n_accounts,
+                                      minutes * sum(4000 + i % 7 + i % 11 for i in range(n_accounts)))
+
+        two = run_phase(service, exporter, stats, start + n_snapshots * MINUTE, n_snapshots, n_accounts)
+        db.close()
+        print_history_report(settings_text, load_lines, load_seconds, 2 * minutes * n_accounts, (one, two),
+                             loaded_sizes)
+    finally:
+        if service is not None:
+            service.stop()
+            service.remove_logs()
+        if exporter is not None:
+            exporter.terminate()
+            exporter.wait(10)
+        if stats is not None:
+            stats.close()
+        pg.stop()

@@ -11,12 +11,16 @@
 #                              and the Ansible tools), then the whole pytest suite
 #                              (its fixtures start their own PostgreSQL through
 #                              pg-start below); exit code is the suite's
-#   ./deploy/local.sh bench [--full]
+#   ./deploy/local.sh bench [--full | --history N]
 #                              the throughput benchmark (about a minute;
-#                              --full bills a whole day for 10,000 accounts)
-#   ./deploy/local.sh pg-start DIR PORT [--durable]
+#                              --full bills a whole day for 10,000 accounts;
+#                              --history N: the catch-up before and after N rows
+#                              of older history, on PostgreSQL's defaults)
+#   ./deploy/local.sh pg-start DIR PORT [--durable | --defaults]
 #                              start a throwaway cluster in DIR on 127.0.0.1:PORT
-#                              and print its superuser DSN (used by the tests)
+#                              and print its superuser DSN (used by the tests);
+#                              both options keep fsync on; --defaults changes no
+#                              other setting; both add BENCH_PG_SETTINGS="a=1 b=2"
 #   ./deploy/local.sh pg-stop DIR
 #                              stop the cluster in DIR, or remove the stale
 #                              postmaster.pid a killed run left there
@@ -145,12 +149,25 @@ pg_start() {
   password=$(cat "$dir/password")
   # Throwaway clusters skip fsync (tests); --durable keeps production's
   # durability so the benchmark measures real commits, and counts statements
-  # (pg_stat_statements) so the service itself need not.
-  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c shared_buffers=256MB"
-  if [ "$durable" != "--durable" ]; then
-    opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-  else
-    opts="$opts -c shared_preload_libraries=pg_stat_statements"
+  # (pg_stat_statements) so the service itself need not. --defaults is durable
+  # too and keeps every setting at PostgreSQL's default (shared_buffers,
+  # max_connections, checkpoints): the history benchmark's main figures.
+  # BENCH_PG_SETTINGS adds (or overrides) settings of either durable kind.
+  local opts="-c listen_addresses=127.0.0.1 -p $port -k $dir" setting
+  case "$durable" in
+    --durable) opts="$opts -c max_connections=200 -c shared_buffers=256MB"
+               opts="$opts -c shared_preload_libraries=pg_stat_statements" ;;
+    --defaults) ;;
+    "") opts="$opts -c max_connections=200 -c shared_buffers=256MB"
+        opts="$opts -c fsync=off -c synchronous_commit=off -c full_page_writes=off" ;;
+    *) say "pg-start: unknown option $durable (--durable or --defaults)"; exit 2 ;;
+  esac
+  if [ -n "$durable" ]; then
+    for setting in ${BENCH_PG_SETTINGS:-}; do
+      [[ $setting =~ ^[a-z_.]+=[A-Za-z0-9_.:/-]+$ ]] \
+        || { say "BENCH_PG_SETTINGS: '$setting' is not name=value"; exit 2; }
+      opts="$opts -c $setting"
+    done
   fi
   # server.log keeps every start: show this one's end only.
   as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 -o "$opts" start >/dev/null \
@@ -355,9 +372,22 @@ cmd_test() {
 cmd_bench() {
   ensure_test_requirements
   cd "$ROOT"
-  local full=0
-  [ "${1:-}" = "--full" ] && full=1
-  PATH=$VENV/bin:$PATH BILLING_BENCH=1 BENCH_FULL=$full "$PY" -m pytest -q -s -p no:cacheprovider test_app.py -k bench
+  # --history N selects the history benchmark alone; otherwise every other one.
+  local full=0 history="" select="bench and not bench_history"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --full) full=1 ;;
+      --history)
+        history=${2:-}
+        [[ $history =~ ^[0-9]+$ ]] || { say "bench --history needs a row count, e.g. --history 20000000"; exit 2; }
+        select=bench_history
+        shift ;;
+      *) say "bench: unknown option $1 (--full, --history N)"; exit 2 ;;
+    esac
+    shift
+  done
+  PATH=$VENV/bin:$PATH BILLING_BENCH=1 BENCH_FULL=$full BENCH_HISTORY=$history \
+    "$PY" -m pytest -q -s -p no:cacheprovider test_app.py -k "$select"
 }
 
 case "${1:-}" in
@@ -366,5 +396,5 @@ case "${1:-}" in
   bench) shift; cmd_bench "$@" ;;
   pg-start) shift; pg_start "$@" ;;
   pg-stop) shift; pg_stop "$@" ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
