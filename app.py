@@ -84,32 +84,27 @@ class Secrets:
             return [self.scrub(item) for item in value]
         if value is None or isinstance(value, (bool, int, float)):
             return value
-        if dataclasses.is_dataclass(value):  # a source, the peak hours
-            return self.scrub({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
-        return self.redact(str(value))
+        return self.scrub(dataclasses.asdict(value)) if dataclasses.is_dataclass(value) else self.redact(str(value))
 
 
 MIN_TOKEN_LENGTH = 16  # a shorter secret cannot be told apart from ordinary text, so it cannot be redacted
 
 
 class Token:
-    """A bearer token: a fixed value, or a file re-read whenever it changes (rotation)."""
+    """A bearer token: a fixed value, or a file read each time it is used (rotation needs no restart)."""
 
     def __init__(self, value: str, path: str, secrets: Secrets):
-        self.path, self._value, self._stamp, self._secrets = path, value, None, secrets
+        self.path, self._value, self._secrets = path, value, secrets
 
     def get(self) -> str:
         """The current token; ValueError (with a message safe to show) when unusable."""
         if self.path:
             try:
-                stat = os.stat(self.path)
-                if (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._stamp:
-                    with open(self.path, encoding="utf-8") as handle:
-                        value = handle.read().strip()
-                    self._secrets.add(value)
-                    self._value, self._stamp = value, (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+                with open(self.path, encoding="utf-8") as handle:
+                    self._value = handle.read().strip()
             except (OSError, UnicodeDecodeError):
                 raise ValueError("token_file is not readable") from None
+            self._secrets.add(self._value)
         if len(self._value) < MIN_TOKEN_LENGTH:
             raise ValueError(f"the token is shorter than {MIN_TOKEN_LENGTH} characters")
         return self._value
@@ -268,93 +263,79 @@ TLS_VARIABLES = ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE")
 
 
 def _listener_tls(environ) -> tuple[str, str, str]:
-    """The listener's certificate, key and client CA, loaded once here so that a
-    wrong file stops start-up naming its variable, not the first handshake."""
-    files = tuple(_env(environ, name, "") for name in TLS_VARIABLES)
-    if bool(files[0]) != bool(files[1]) or (files[2] and not files[0]):
-        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE go together; TLS_CLIENT_CA_FILE needs both")
+    """The listener's certificate, key and client CA, loaded here: a bad file stops start-up, not a handshake."""
+    cert, key, client_ca = files = tuple(_env(environ, name, "") for name in TLS_VARIABLES)
+    if bool(cert) != bool(key):
+        raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE go together")
+    if client_ca and not cert:
+        raise ConfigError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE")
     for name, path in zip(TLS_VARIABLES, files):
         if path:
             _readable_file(name, "file", path)
-    try:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=files[2] or None)
-        if files[0]:
-            context.load_cert_chain(files[0], files[1])
-    except ssl.SSLError as exc:
-        raise ConfigError(f"TLS_CERT_FILE, TLS_KEY_FILE or TLS_CLIENT_CA_FILE: not a matching PEM certificate, "
-                          f"key and CA ({exc.reason or exc})") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for names, load, paths in (("TLS_CERT_FILE/TLS_KEY_FILE", context.load_cert_chain, (cert, key)),
+                               ("TLS_CLIENT_CA_FILE", context.load_verify_locations, (client_ca,))):
+        try:
+            if paths[0]:
+                load(*paths)
+        except ssl.SSLError as exc:
+            raise ConfigError(f"{names}: not usable as PEM ({exc.reason or exc})") from None
     return files
 
 
 def _parse_source(raw, index: int, environ, warnings: list) -> Source:
     where = f"EXPORTER_SOURCES_JSON: source #{index}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a JSON object")
-    source_id = raw.get("source_id")
-    if not isinstance(source_id, str) or not source_id.strip():
-        raise ConfigError(f"{where}: source_id is required (a non-empty string)")
+    if not isinstance(raw, dict) or not isinstance(raw.get("source_id"), str) or not raw["source_id"].strip():
+        raise ConfigError(f"{where}: source_id is required (a non-empty string in a JSON object)")
+    source_id, mode = raw["source_id"], raw.get("mode", "pull")
     where = f"EXPORTER_SOURCES_JSON: source {source_id!r}"
-    mode = raw.get("mode", "pull")
     if mode not in ("pull", "push"):
         raise ConfigError(f"{where}: mode must be \"pull\" or \"push\"")
     unknown = sorted(set(raw) - (_PUSH_FIELDS if mode == "push" else _SOURCE_FIELDS))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) for a {mode} source: {', '.join(unknown)}")
     values = {"source_id": source_id, "mode": mode}
-    for name in ("base_url", "expected_node_id", "expected_env", "first_sight"):
-        value = raw.get(name, "bill" if name == "first_sight" else "")
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {name} must be a string")
-        values[name] = value.strip()
-    if ":" in values["expected_env"]:  # env:node is the storage node: a ":" in env would make it ambiguous
+    for f in dataclasses.fields(Source):  # strings and booleans, as the defaults are
+        if f.name in raw and isinstance(f.default, (str, bool)) and f.name not in values:
+            if type(raw[f.name]) is not type(f.default):
+                raise ConfigError(f"{where}: {f.name} must be {'a string' if f.type == 'str' else 'true or false'}")
+            values[f.name] = raw[f.name].strip() if isinstance(f.default, str) else raw[f.name]
+    if ":" in values.get("expected_env", ""):  # env:node is the storage node: a ":" in env would make it ambiguous
         raise ConfigError(f"{where}: expected_env must not contain ':'")
-    if values["first_sight"] not in ("bill", "baseline"):
+    if values.get("first_sight", "bill") not in ("bill", "baseline"):
         raise ConfigError(f"{where}: first_sight must be \"bill\" or \"baseline\"")
-    for name in ("enabled", "allow_plain_http"):
-        value = raw.get(name, name == "enabled")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {name} must be true or false")
-        values[name] = value
     if "token_file" in raw and "token_env" in raw:
         raise ConfigError(f"{where}: set token_file or token_env, not both")
-    if "token_file" in raw:
-        values["token_file"] = _readable_file(where, "token_file", raw["token_file"])
-    if "token_env" in raw:
-        name = raw["token_env"]
-        if not isinstance(name, str) or not name or not environ.get(name, "").strip():
-            raise ConfigError(f"{where}: token_env: environment variable {name} is unset or empty")
-        values["token_env"] = name
+    for name in ("token_file", "ca_bundle", "client_cert", "client_key"):
+        if name in raw:
+            values[name] = _readable_file(where, name, raw[name])
+    if "token_env" in raw and not environ.get(raw["token_env"], "").strip():
+        raise ConfigError(f"{where}: token_env: environment variable {raw['token_env']} is unset or empty")
     if mode == "push":
-        if not values["expected_node_id"] or not values["expected_env"]:
+        if not values.get("expected_node_id") or not values.get("expected_env"):
             raise ConfigError(f"{where}: a push source needs expected_node_id and expected_env (its allowlist)")
         return Source(**values)
-
     timeout = raw.get("timeout_seconds", DEFAULT_TIMEOUT_SECONDS)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout):
         raise ConfigError(f"{where}: timeout_seconds must be a number")
     values["timeout_seconds"] = float(timeout) if timeout > 0 else DEFAULT_TIMEOUT_SECONDS
-    if not values["base_url"]:
-        raise ConfigError(f"{where}: base_url is required")
-    url = urlsplit(values["base_url"])
+    url = urlsplit(values.get("base_url", ""))
     try:
         host, _ = url.hostname, url.port
     except ValueError:
         raise ConfigError(f"{where}: base_url has an invalid port") from None
     if url.scheme not in ("http", "https") or not host:
-        raise ConfigError(f"{where}: base_url must be an http(s) URL with a host")
+        raise ConfigError(f"{where}: base_url is required: an http(s) URL with a host")
     if url.username is not None or url.password is not None:
         # Credentials in URLs end up in logs and proxies: use token_file/token_env.
         raise ConfigError(f"{where}: base_url must not carry credentials; use token_file or token_env")
     if url.query or url.fragment:
         raise ConfigError(f"{where}: base_url must not have a query or fragment")
     if url.scheme == "http" and not is_loopback_host(host):
-        if not values["allow_plain_http"]:
+        if not values.get("allow_plain_http"):
             raise ConfigError(f"{where}: base_url uses plain http to a non-loopback host; use https "
                               "(or set allow_plain_http: true for a trusted private link)")
         warnings.append(f"source {source_id!r}: plain http to {host} (allow_plain_http): traffic is not encrypted")
-    for name in ("ca_bundle", "client_cert", "client_key"):
-        if name in raw:
-            values[name] = _readable_file(where, name, raw[name])
     if values.get("client_key") and not values.get("client_cert"):
         raise ConfigError(f"{where}: client_key needs client_cert")
     return Source(**values)
@@ -467,8 +448,7 @@ def log_event(secrets: Secrets, event: str, **fields) -> None:
 
 
 class Throttled:
-    """log_event at most once per ``interval`` seconds per event and ``key``; the next line counts what
-    it left out."""
+    """log_event at most once per ``interval`` s per event and ``key``; the next line counts those left out."""
 
     def __init__(self, secrets: Secrets, interval: float = 10.0):
         self._secrets, self._interval, self._lock = secrets, interval, threading.Lock()
@@ -502,8 +482,7 @@ def parse_image(image: str) -> dict:
 # ---- exporter client: pages and pushed snapshots, every byte treated as hostile --
 
 class ExporterError(Exception):
-    """A refused page or body (a pulled source fails for this run). The message is safe to show to the
-    token holder; open endpoints show only ``category``, one word from a fixed list."""
+    """A refused page or body; the message is for the token holder, open endpoints show only ``category``."""
     category = "bad_page"
 
     def __init__(self, message: str, category: str = ""):
@@ -516,20 +495,11 @@ class WrongNode(ExporterError):
     category = "wrong_node"
 
 
-@dataclass(slots=True)
-class Sample:
-    account: str  # canonical lowercase UUID
-    inbound_tag: str
-    uplink: int
-    downlink: int
-
-
-@dataclass(slots=True)
-class Snapshot:
-    collected_at: datetime  # UTC, microsecond precision
-    storage_node: str  # env:node_id, or node_id when env is empty
-    samples: list
-    source: Source | None = None  # who delivered it (its first_sight policy applies)
+# account: canonical lowercase UUID; uplink, downlink: the cumulative counters.
+Sample = collections.namedtuple("Sample", "account inbound_tag uplink downlink")
+# collected_at: UTC, microseconds; storage_node: env:node_id (node_id when env is empty); source: who
+# delivered it (its first_sight applies).
+Snapshot = collections.namedtuple("Snapshot", "collected_at storage_node samples source", defaults=(None,))
 
 
 @dataclass
@@ -581,10 +551,6 @@ def minute_floor(stamp: datetime) -> datetime:
     return stamp.replace(second=0, microsecond=0)
 
 
-def storage_node(env: str, node_id: str) -> str:
-    return f"{env}:{node_id}" if env else node_id
-
-
 def parse_sample(raw) -> Sample | str:
     """One exporter sample, or the reason it is invalid (one of INVALID_REASONS: skipped and counted)."""
     if type(raw) is not dict:
@@ -633,11 +599,9 @@ def decode_json(body: bytes, ndjson: bool = False):
         return _ndjson_lines(body)
     try:
         return json.loads(body)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and b"\n" in body.strip():
+    except (ValueError, RecursionError) as exc:
+        if getattr(exc, "msg", "") == "Extra data" and b"\n" in body.strip():
             raise ExporterError("body is not one JSON document: NDJSON needs Content-Type application/x-ndjson")
-        raise ExporterError("malformed page: body is not JSON") from None
-    except (ValueError, RecursionError):
         raise ExporterError("malformed page: body is not JSON") from None
 
 
@@ -667,8 +631,7 @@ def _wrong_node(what: str, node_id: str, env: str, source: Source) -> WrongNode:
 
 
 def parse_snapshot(page: Page, raw, sources, node_default: str = "", env_default: str = "") -> Snapshot:
-    """Add one snapshot object to ``page``, delivered by the first of ``sources`` that
-    expects its node and env. Snapshot-level faults raise; invalid samples are counted."""
+    """Add a snapshot to ``page`` from the first of ``sources`` expecting its node; invalid samples are counted."""
     if not isinstance(raw, dict):
         raise ExporterError("malformed page: a snapshot is not an object")
     collected_at = parse_time(raw.get("collected_at"))
@@ -695,7 +658,7 @@ def parse_snapshot(page: Page, raw, sources, node_default: str = "", env_default
     if len(series) < len(samples):  # one series twice: neither value can be trusted, in any order
         page.invalid["duplicate"] += sum(count for count in series.values() if count > 1)
         samples = [s for s in samples if series[s.account, s.inbound_tag] == 1]
-    page.snapshots.append(Snapshot(collected_at, storage_node(env, node_id), samples, source))
+    page.snapshots.append(Snapshot(collected_at, f"{env}:{node_id}" if env else node_id, samples, source))
     return page.snapshots[-1]
 
 
@@ -723,8 +686,7 @@ def parse_page(body: bytes, source: Source, since: datetime, until: datetime) ->
 
 
 def parse_push(body: bytes, ndjson: bool, sources, now: datetime, max_age: float) -> Page:
-    """A pushed body (call it holding PAGE_SLOT): one snapshot object, a JSON array of them, or
-    NDJSON (one per line). Any snapshot-level fault refuses the whole body."""
+    """A pushed body (hold PAGE_SLOT): a snapshot, a JSON array or NDJSON of them; one fault refuses it all."""
     doc = decode_json(body, ndjson)
     page = Page([])
     for raw in doc if isinstance(doc, list) or ndjson else [doc]:
@@ -806,13 +768,8 @@ class ExporterClient:
 
 # ---- repository: every SQL statement, parameterized; I/O and nothing clever --
 
-@dataclass(slots=True)
-class Checkpoint:
-    """The last applied totals of one series (one cumulative counter pair)."""
-    uplink: int
-    downlink: int
-    last_seen_at: datetime
-    reset_epoch: int = 0
+# The last applied totals of one series (one cumulative counter pair).
+Checkpoint = collections.namedtuple("Checkpoint", "uplink downlink last_seen_at reset_epoch", defaults=(0,))
 
 
 @dataclass(slots=True)
@@ -836,24 +793,10 @@ class Bucket:
     version: str = ""
 
 
-@dataclass(slots=True)
-class LedgerEntry:
-    id: str
-    account: str
-    bucket_start: datetime
-    rated_bytes: int
-    amount: Decimal
-    balance_after: Decimal
-    version: str
-
-
-@dataclass
-class Watermark:  # a source's row of billing_source_sync_state
-    source_id: str
-    last_completed_until: datetime | None = None
-    last_attempted_at: datetime | None = None
-    last_succeeded_at: datetime | None = None
-    last_error: str = ""
+LedgerEntry = collections.namedtuple("LedgerEntry", "id account bucket_start rated_bytes amount balance_after version")
+# A source's row of billing_source_sync_state.
+Watermark = collections.namedtuple("Watermark", "source_id last_completed_until last_attempted_at last_succeeded_at "
+                                                "last_error", defaults=(None, None, None, ""))
 
 
 @dataclass
@@ -934,10 +877,10 @@ REQUIRED_GRANTS = {"users": "SELECT", "account_billing_profiles": "SELECT", "bil
 def missing_grants(conn) -> list:
     """What the connected role lacks (or tables schema.sql has not created), as 'table: PRIVILEGE'."""
     return [row[0] for row in _sql(conn, """
-        SELECT CASE WHEN to_regclass('public.' || t) IS NULL THEN t || ': missing (apply schema.sql)'
-                    ELSE t || ': ' || p END
+        SELECT DISTINCT CASE WHEN to_regclass('public.' || t) IS NULL THEN t || ': missing (apply schema.sql)'
+                             ELSE t || ': ' || p END
         FROM unnest(%s::text[], %s::text[]) AS g(t, privileges), unnest(string_to_array(privileges, ', ')) AS p
-        WHERE to_regclass('public.' || t) IS NULL OR NOT has_table_privilege('public.' || t, p)
+        WHERE CASE WHEN to_regclass('public.' || t) IS NULL THEN true ELSE NOT has_table_privilege('public.' || t, p) END
         UNION ALL SELECT 'database: TEMPORARY' WHERE NOT has_database_privilege(current_database(), 'TEMPORARY')
         UNION ALL SELECT 'billing_job_runs_id_seq: USAGE'
         WHERE to_regclass('public.billing_job_runs_id_seq') IS NOT NULL
@@ -963,17 +906,11 @@ def try_lock_source(conn, source_id: str) -> bool:
     return _sql(conn, "SELECT pg_try_advisory_lock(%s, %s)", (_SOURCE_LOCKS, lock_key(source_id)))[0][0]
 
 
-def source_lock_holder(conn, source_id: str) -> tuple:
-    """(seconds the session holding a source's lock has existed (a run holds it on a connection of its
-    own), seconds since the source's watermark last moved), or () when nobody holds it."""
-    rows = _sql(conn, """
-        SELECT extract(epoch FROM now() - a.backend_start), extract(epoch FROM now() - w.updated_at)
-        FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-        LEFT JOIN billing_source_sync_state w ON w.source_id = %s
-        WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = %s AND l.objid::bigint = %s
-          AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())""",
-                (source_id, _SOURCE_LOCKS, lock_key(source_id) & 0xFFFFFFFF))
-    return tuple(float(value or 0) for value in rows[0]) if rows else ()
+def source_run_age(conn, source_id: str) -> tuple[float, float]:
+    """(seconds since the source's current run started, seconds since its watermark last moved)."""
+    rows = _sql(conn, """SELECT extract(epoch FROM now() - last_attempted_at), extract(epoch FROM now() - updated_at)
+                         FROM billing_source_sync_state WHERE source_id = %s""", (source_id,))
+    return tuple(float(value or 0) for value in rows[0]) if rows else (0.0, 0.0)
 
 
 def lock_nodes(conn, nodes, wait_seconds: float | None = None) -> None:
@@ -986,8 +923,7 @@ def lock_nodes(conn, nodes, wait_seconds: float | None = None) -> None:
 
 def write_sync_state(conn, source_id: str, completed=None, succeeded=None, error=None, attempted=None,
                      starting=False, commit=True) -> Watermark:
-    """Record a run's start (``starting``: where its watermark stands, for progress), progress, end or
-    failure, or a push: the watermark only ever moves forward, and what is None stays as it is."""
+    """A run's start (and where it starts), progress, end or failure, or a push; None keeps a value."""
     return Watermark(*_sql(conn, """
         INSERT INTO billing_source_sync_state AS w
           (source_id, last_completed_until, last_attempted_at, last_succeeded_at, last_error)
@@ -1081,14 +1017,12 @@ def lock_quota_states(conn, initial: dict) -> dict:
         _copy(cur, "page_quota", [(a, q.remaining, q.balance, None, None) for a, q in initial.items()])
         cur.execute("""
             INSERT INTO account_quota_states (account_uuid, remaining_included_quota, current_balance, arrears,
-                                              throttle_state, suspend_state)
-            SELECT account_uuid, remaining, balance, balance < 0,
-                   CASE WHEN balance < 0 THEN 'throttled' ELSE 'normal' END, 'active'
-            FROM page_quota ORDER BY account_uuid ON CONFLICT (account_uuid) DO NOTHING""")
-        cur.execute("""
+              throttle_state, suspend_state) SELECT account_uuid, remaining, balance, balance < 0,
+              CASE WHEN balance < 0 THEN 'throttled' ELSE 'normal' END, 'active'
+            FROM page_quota ORDER BY account_uuid ON CONFLICT (account_uuid) DO NOTHING;
             SELECT q.account_uuid::text, q.remaining_included_quota, q.current_balance, q.last_rated_bucket_at,
-                   q.arrears_since
-            FROM account_quota_states q JOIN page_quota p USING (account_uuid) ORDER BY q.account_uuid FOR UPDATE OF q""")
+              q.arrears_since FROM account_quota_states q JOIN page_quota p USING (account_uuid)
+            ORDER BY q.account_uuid FOR UPDATE OF q""")
         states = {row[0]: QuotaState(row[1], as_decimal(row[2]), *row[3:]) for row in cur.fetchall()}
         cur.execute("TRUNCATE page_quota")
     missing = initial.keys() - states.keys()
@@ -1098,23 +1032,18 @@ def lock_quota_states(conn, initial: dict) -> dict:
 
 
 def billed_ids(conn, ids: list) -> set:
-    """The ids already in the ledger: those increments were billed before (checkpoints restored from
-    an older backup, say); they are left out rather than billed twice."""
-    return {row[0] for row in _sql(conn, "SELECT id::text FROM billing_ledger WHERE id = ANY(%s::uuid[])", (ids,),
-                                   False)}
+    """Ids already in the ledger (checkpoints restored from an older backup, say): billed, not again."""
+    return {r[0] for r in _sql(conn, "SELECT id::text FROM billing_ledger WHERE id = ANY(%s::uuid[])", (ids,), False)}
 
 
 def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict, dropped=(), taken=(),
                marks=None) -> None:
-    """Write one page's facts (inside the page transaction; the caller commits): ``dropped`` are plain-key
-    checkpoints no series holds any more, ``taken`` the (node, account) the original's rows were taken from,
-    ``marks`` each node's newest snapshot applied."""
+    """Write one page's facts inside its transaction (the caller commits); see MeteredPage for the rest."""
     with conn.cursor() as cur:
         if marks:
-            cur.execute("""INSERT INTO billing_node_marks AS m (node_id, last_snapshot_at)
-                           SELECT * FROM unnest(%s::text[], %s::timestamptz[]) ORDER BY 1 ON CONFLICT (node_id)
-                           DO UPDATE SET last_snapshot_at = GREATEST(m.last_snapshot_at, EXCLUDED.last_snapshot_at)""",
-                        (list(marks), list(marks.values())))
+            cur.execute("""INSERT INTO billing_node_marks AS m SELECT * FROM unnest(%s::text[], %s::timestamptz[])
+                ORDER BY 1 ON CONFLICT (node_id) DO UPDATE SET last_snapshot_at = GREATEST(m.last_snapshot_at,
+                EXCLUDED.last_snapshot_at)""", (list(marks), list(marks.values())))
         if buckets:
             _copy(cur, "page_buckets", [(b.bucket_start, b.node_id, b.account, b.line_code, b.uplink, b.downlink,
                                          b.multiplier, b.version) for b in buckets])
@@ -1123,33 +1052,29 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                 INSERT INTO traffic_minute_buckets AS t (bucket_start, node_id, account_uuid, region, line_code,
                   uplink_bytes, downlink_bytes, total_bytes, multiplier, rating_status, source_revision)
                 SELECT bucket_start, node_id, account_uuid, %s, line_code, uplink, downlink, uplink + downlink,
-                       multiplier, 'rated', source_revision FROM page_buckets
-                ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE
-                SET uplink_bytes = t.uplink_bytes + EXCLUDED.uplink_bytes,
-                    downlink_bytes = t.downlink_bytes + EXCLUDED.downlink_bytes,
-                    total_bytes = t.total_bytes + EXCLUDED.total_bytes, multiplier = EXCLUDED.multiplier,
-                    rating_status = 'rated', source_revision = EXCLUDED.source_revision, updated_at = now()""",
-                        (region,))
+                  multiplier, 'rated', source_revision FROM page_buckets
+                ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE SET
+                  uplink_bytes = t.uplink_bytes + EXCLUDED.uplink_bytes, downlink_bytes = t.downlink_bytes +
+                  EXCLUDED.downlink_bytes, total_bytes = t.total_bytes + EXCLUDED.total_bytes, multiplier =
+                  EXCLUDED.multiplier, rating_status = 'rated', source_revision = EXCLUDED.source_revision,
+                  updated_at = now()""", (region,))
         if ledger:
             _copy(cur, "page_ledger", [(i, e.id, e.account, e.bucket_start, e.rated_bytes, e.amount, e.balance_after,
                                         e.version) for i, e in enumerate(ledger)])
             cur.execute("""
                 INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
-                                            amount_delta, balance_after, pricing_rule_version, created_at)
+                  amount_delta, balance_after, pricing_rule_version, created_at)
                 SELECT id, account_uuid, bucket_start, bucket_start + interval '1 minute', 'traffic_charge',
-                       rated_bytes, amount_delta, balance_after, version, clock_timestamp()
-                FROM page_ledger ORDER BY seq""")
+                  rated_bytes, amount_delta, balance_after, version, clock_timestamp() FROM page_ledger ORDER BY seq""")
         if checkpoints:
             _copy(cur, "page_checkpoints", [(key, account, c.uplink, c.downlink, c.last_seen_at, c.reset_epoch)
                                             for (key, account), c in checkpoints.items()])
             cur.execute("""
                 INSERT INTO traffic_stat_checkpoints AS t (node_id, account_uuid, last_uplink_total,
-                                                           last_downlink_total, last_seen_at, reset_epoch)
-                SELECT node_id, account_uuid, uplink, downlink, last_seen_at, reset_epoch FROM page_checkpoints
-                ON CONFLICT (node_id, account_uuid) DO UPDATE
-                SET last_uplink_total = EXCLUDED.last_uplink_total, last_downlink_total = EXCLUDED.last_downlink_total,
-                    last_seen_at = EXCLUDED.last_seen_at, reset_epoch = EXCLUDED.reset_epoch, updated_at = now()
-                WHERE t.last_seen_at < EXCLUDED.last_seen_at""")
+                  last_downlink_total, last_seen_at, reset_epoch) SELECT * FROM page_checkpoints
+                ON CONFLICT (node_id, account_uuid) DO UPDATE SET last_uplink_total = EXCLUDED.last_uplink_total,
+                  last_downlink_total = EXCLUDED.last_downlink_total, last_seen_at = EXCLUDED.last_seen_at,
+                  reset_epoch = EXCLUDED.reset_epoch, updated_at = now() WHERE t.last_seen_at < EXCLUDED.last_seen_at""")
         for table, pairs in (("traffic_stat_checkpoints", dropped), ("billing_inherited_checkpoints", taken)):
             if pairs:
                 cur.execute(f"DELETE FROM {table} WHERE (node_id, account_uuid) IN "
@@ -1158,12 +1083,10 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
             _copy(cur, "page_quota", [(a, q.remaining, q.balance, q.last_rated_bucket_at, q.arrears_since)
                                       for a, q in quota.items()])
             cur.execute("""
-                UPDATE account_quota_states q
-                SET remaining_included_quota = p.remaining, current_balance = p.balance, arrears = p.balance < 0,
-                    arrears_since = p.arrears_since,
-                    throttle_state = CASE WHEN p.balance < 0 THEN 'throttled' ELSE 'normal' END,
-                    last_rated_bucket_at = p.last_rated, effective_at = now(), updated_at = now()
-                FROM page_quota p WHERE q.account_uuid = p.account_uuid""")
+                UPDATE account_quota_states q SET remaining_included_quota = p.remaining, current_balance = p.balance,
+                  arrears = p.balance < 0, arrears_since = p.arrears_since, last_rated_bucket_at = p.last_rated,
+                  throttle_state = CASE WHEN p.balance < 0 THEN 'throttled' ELSE 'normal' END, effective_at = now(),
+                  updated_at = now() FROM page_quota p WHERE q.account_uuid = p.account_uuid""")
 
 
 def sweep_arrears(conn, suspend_after: float) -> tuple[int, int]:
@@ -1235,8 +1158,7 @@ def last_run(conn) -> dict | None:
 
 
 def read_source_views(conn, source_ids, started: datetime) -> dict:
-    """Each source's watermark, lag (PostgreSQL's clock; from ``started`` while it has none), where its
-    current run started, and whether a run holds its lock now (pg_locks)."""
+    """Each source's row, lag (from ``started`` while it has no watermark), and whether a run holds it now."""
     return {row[0]: row for row in _sql(conn, """
         SELECT s.source_id, w.last_completed_until, w.last_attempted_at, w.last_succeeded_at, w.last_error,
                extract(epoch FROM now() - coalesce(w.last_completed_until, %s)),
@@ -1258,8 +1180,7 @@ def read_counters(conn) -> tuple[list, list, tuple]:
 
 
 def read_account(conn, account: str, since: datetime, until: datetime) -> dict | None:
-    """One account's state and, per UTC day of [since, until), its bytes by region and line and its ledger
-    rows, from the account-first indexes. None when the account has no users row."""
+    """One account's state and per-day bytes and ledger sums, from the account-first indexes (None: no user)."""
     rows = _sql(conn, """
         SELECT u.uuid IS NOT NULL, q.current_balance, q.remaining_included_quota, q.arrears, q.arrears_since,
                q.throttle_state, q.suspend_state, q.suspended_by_billing, q.last_rated_bucket_at
@@ -1315,8 +1236,7 @@ def effective_pricing(profile, defaults: Pricing) -> Pricing:
 
 
 def is_peak(minute: datetime, peak: PeakHours) -> bool:
-    """Whether a minute starts inside the peak window on its zone's wall clock
-    (a daylight-saving day has a shorter or a longer peak, as the clock does)."""
+    """Whether a minute starts inside the peak window on its zone's wall clock (DST changes its length)."""
     local = minute.astimezone(peak.zone)
     at = local.hour * 60 + local.minute
     return peak.start <= at < peak.end if peak.start < peak.end else at >= peak.start or at < peak.end
@@ -1329,14 +1249,12 @@ def minute_multiplier(price: Pricing, minute: datetime, peak: PeakHours | None) 
 
 
 def series_key(storage: str, inbound_tag: str) -> str:
-    """Checkpoint node_id of a series: one counter pair per inbound under the (node_id, account_uuid) key.
-    Untagged keeps the plain key (the original's); storage nodes never hold "#": no two series share one."""
+    """Checkpoint node_id of a series: untagged keeps the plain key (the original's); nodes never hold "#"."""
     return f"{storage}#{inbound_tag}" if inbound_tag else storage
 
 
 def page_series(snapshots) -> list:
-    """(series key, storage node, account) of every series in a page, and of every (node, account)'s
-    plain key: the untagged series' checkpoint, or the one the original service left."""
+    """(series key, storage node, account) of every series in a page, and each (node, account)'s plain key."""
     keys = {}
     for snap in snapshots:
         node = snap.storage_node
@@ -1357,16 +1275,8 @@ def ledger_id(bucket_start: datetime, node: str, account: str, region: str, line
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
-@dataclass(slots=True)
-class Increment:
-    """Bytes one sample adds to its series' minute bucket, and its ledger id."""
-    id: str
-    bucket_start: datetime
-    node_id: str  # storage node
-    account: str
-    line_code: str
-    uplink: int
-    downlink: int
+# Bytes one sample adds to its series' minute bucket (node_id: the storage node), and its ledger id.
+Increment = collections.namedtuple("Increment", "id bucket_start node_id account line_code uplink downlink")
 
 
 @dataclass
@@ -1440,20 +1350,17 @@ def meter_page(snapshots, reads: SeriesReads, region: str) -> MeteredPage:
                     replayed.add((minute, key))
                     continue
                 out.applied += 1
-                if basis is None and first == "baseline":
-                    record(key, Checkpoint(s.uplink, s.downlink, stamp))
-                    out.baselined += 1
-                    continue
                 if basis is None:
-                    up, down, epoch = s.uplink, s.downlink, 0  # first sight: bill from zero
+                    up, down, epoch = s.uplink, s.downlink, 0  # first sight: the whole counter
                 else:
                     up, down, epoch = s.uplink - basis.uplink, s.downlink - basis.downlink, basis.reset_epoch
-                if up < 0 or down < 0:
-                    record(key, Checkpoint(s.uplink, s.downlink, stamp, epoch + 1))
+                reset = up < 0 or down < 0  # the counter went back: re-baseline, bill nothing
+                record(key, Checkpoint(s.uplink, s.downlink, stamp, epoch + reset))
+                if basis is None and first == "baseline":
+                    out.baselined += 1
+                elif reset:
                     out.resets += 1
-                    continue
-                record(key, Checkpoint(s.uplink, s.downlink, stamp, epoch))
-                if up or down:
+                elif up or down:
                     out.increments.append(Increment(ledger_id(minute, node, account, region, s.inbound_tag, stamp),
                                                     minute, node, account, s.inbound_tag, up, down))
         marks[node] = max(stamp, marks.get(node, stamp))
@@ -1577,15 +1484,10 @@ def parse_reconcile_body(body: bytes, config: Config, now: datetime):
         raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
     source_ids = None
     if "source_id" in doc:
-        wanted = doc["source_id"]
-        match = [s for s in config.sources if s.source_id == wanted]
-        if not isinstance(wanted, str) or not match:
-            raise BadRequest("source_id is not a configured source")
-        if not match[0].enabled:
-            raise BadRequest("source_id names a disabled source")
-        if match[0].mode == "push":
-            raise BadRequest("source_id names a push source: there is nothing to pull")
-        source_ids = [wanted]
+        match = [s for s in config.sources if s.source_id == doc["source_id"]]
+        if not match or not match[0].enabled or match[0].mode == "push":
+            raise BadRequest("source_id must name an enabled pull source (a push source has nothing to pull)")
+        source_ids = [match[0].source_id]
     if ("since" in doc) != ("until" in doc):
         raise BadRequest("since and until go together")
     if "since" not in doc:
@@ -1597,8 +1499,7 @@ def parse_reconcile_body(body: bytes, config: Config, now: datetime):
 
 
 def catch_up(row) -> dict | None:
-    """How far a running pull source's catch-up has come since its run started, and when it should be
-    done at the speed its watermark has moved so far."""
+    """How far a running catch-up has come, and when it ends at the speed its watermark has moved so far."""
     _, completed, attempted, _, _, _, running, run_from, now = row
     if not running or None in (completed, attempted, run_from):
         return None
@@ -1622,8 +1523,7 @@ def _metric_line(name: str, labels: dict, value) -> str:
 
 
 def render_metrics(config: Config, views: dict | None, counters) -> str:
-    """Prometheus text format, derived from PostgreSQL only (views is None when
-    the database did not answer)."""
+    """Prometheus text format, from PostgreSQL only (views is None when the database did not answer)."""
     out = []
 
     def family(name, kind, help_text, samples):
@@ -1650,20 +1550,19 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
     family("billing_source_watermark_lag_seconds", "gauge", "Seconds between now and the source's "
            "last_completed_until (push: its newest applied snapshot); since start-up while it has none.",
            per_source(lambda row: f"{float(row[5]):.3f}", enabled))
-    family("billing_source_last_success_timestamp_seconds", "gauge",
-           "Unix time of the source's last successful run or applied push.", per_source(lambda row: stamp(row[3])))
-    family("billing_source_last_attempt_timestamp_seconds", "gauge",
-           "Unix time of the source's last attempted run or received push.", per_source(lambda row: stamp(row[2])))
-    family("billing_source_last_attempt_failed", "gauge", "1 when the source's last attempt ended in an error.",
-           per_source(lambda row: None if row[2] is None else int(bool(row[4]))))
-    family("billing_source_catchup_running", "gauge", "1 while a run holds the source's lock.",
-           per_source(lambda row: int(row[6])))
-    for name, key, help_text in (("remaining", "remaining_seconds", "Seconds of exporter history a running "
-                                  "catch-up still has to bill."),
-                                 ("eta", "eta_seconds", "Seconds until a running catch-up should be done, at "
-                                  "the speed its watermark has moved in this run.")):
-        family(f"billing_source_catchup_{name}_seconds", "gauge", help_text,
-               per_source(lambda row: (catch_up(row) or {}).get(key)))
+    for name, help_text, pick in (
+            ("last_success_timestamp_seconds", "Unix time of the source's last successful run or applied push.",
+             lambda row: stamp(row[3])),
+            ("last_attempt_timestamp_seconds", "Unix time of the source's last attempted run or received push.",
+             lambda row: stamp(row[2])),
+            ("last_attempt_failed", "1 when the source's last attempt ended in an error.",
+             lambda row: None if row[2] is None else int(bool(row[4]))),
+            ("catchup_running", "1 while a run holds the source's lock.", lambda row: int(row[6])),
+            ("catchup_remaining_seconds", "Seconds of exporter history a running catch-up still has to bill.",
+             lambda row: (catch_up(row) or {}).get("remaining_seconds")),
+            ("catchup_eta_seconds", "Seconds until a running catch-up should be done, at its speed so far.",
+             lambda row: (catch_up(row) or {}).get("eta_seconds"))):
+        family(f"billing_source_{name}", "gauge", help_text, per_source(pick))
     family("billing_job_runs_total", "counter", "Finished job runs (and pushes) by job and status.",
            [({"job": row[0], "status": row[1]}, row[2]) for row in totals])
     by_job = {name: collections.Counter() for name in TOTAL_FIELDS}
@@ -1702,8 +1601,7 @@ def source_view(source: Source, row, full: bool) -> dict:
 
 
 def account_view(account: str, since: datetime, until: datetime, found: dict) -> dict:
-    """GET /v1/accounts/<uuid>: the account's state, its bytes per UTC day, region and line, and its
-    money per UTC day (ledger rows carry no line)."""
+    """GET /v1/accounts/<uuid>: state, bytes per day, region and line, money per day (the ledger has no line)."""
     balance, remaining, arrears, arrears_since, throttle, suspend, by_billing, rated_at = found["state"]
     return {"account": account, "since": format_time(since), "until": format_time(until),
             "state": None if balance is None else {
@@ -1718,9 +1616,7 @@ def account_view(account: str, since: datetime, until: datetime, found: dict) ->
 
 
 def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, ingest, reject) -> flask.Flask:
-    """The Flask app. The collector below provides ``run_job(job, source_ids, window)``,
-    ``ingest(body, ndjson, sources, remote_addr)`` and ``reject(code, source_id, reason, remote_addr)``, the last two
-    answering (status code, JSON)."""
+    """The Flask app; the collector below provides run_job, ingest and reject (see Collector)."""
     app = flask.Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
@@ -1747,6 +1643,10 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     def http_error(exc):
         allow = [header for header in exc.get_headers() if header[0] == "Allow"]  # a 405 says what is allowed
         return flask.jsonify(error=exc.description if exc.code == 413 else exc.name.lower()), exc.code, allow
+
+    @app.errorhandler(psycopg2.Error)
+    def database_error(exc):  # the routes that read the database answer 503 when it does not
+        return flask.jsonify(error=unavailable(exc, flask.request.path)), 503
 
     @app.errorhandler(Exception)
     def internal_error(exc):
@@ -1814,10 +1714,7 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     @app.get("/v1/status")
     def status():
         full = has_job_token()  # the open view shows error categories; the token shows their text
-        try:
-            run, views = read_db(lambda conn: (last_run(conn), read_source_views(conn, source_ids, started)))
-        except psycopg2.Error as exc:
-            return flask.jsonify(error=unavailable(exc, "/v1/status")), 503
+        run, views = read_db(lambda conn: (last_run(conn), read_source_views(conn, source_ids, started)))
         payload = dict(run) if run else {"job": None, "started_at": None, "finished_at": None, "status": "starting",
                                          "error": "", **dict.fromkeys(RUN_COUNTS, 0), "source_statuses": []}
         payload = payload if full else open_view(payload)
@@ -1846,10 +1743,7 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
                                        MAX_ACCOUNT_RANGE)
         except (ValueError, BadRequest) as exc:
             return flask.jsonify(error=str(exc) if isinstance(exc, BadRequest) else "not an account UUID"), 400
-        try:
-            found = read_db(lambda conn: read_account(conn, account, since, until))
-        except psycopg2.Error as exc:
-            return flask.jsonify(error=unavailable(exc, flask.request.path)), 503
+        found = read_db(lambda conn: read_account(conn, account, since, until))
         if found is None:
             return flask.jsonify(error="no such account (no users row)"), 404
         return flask.jsonify(account_view(account, since, until, found))
@@ -1944,31 +1838,28 @@ def summarize(job: str, started: datetime, runs: list, sweep=(0, 0), idle: bool 
         status = "error"
     else:
         status = "partial" if errors else "ok"
-    invalid = sum((r.invalid for r in runs), collections.Counter())
     return {"job": job, "started_at": format_time(started), "finished_at": format_time(utcnow()),
             "status": status, "error": "; ".join(f"{sid}: {text}" if sid else text for sid, text in errors),
             "errors": [{"source_id": sid, "category": error_category(text), "message": text}
                        for sid, text in errors],
             **{name: sum(r.counts[name] for r in runs) for name in RUN_COUNTS},
-            "invalid_by_reason": dict(invalid), "suspended": sweep[0], "lifted": sweep[1],
+            "invalid_by_reason": dict(sum((r.invalid for r in runs), collections.Counter())),
+            "suspended": sweep[0], "lifted": sweep[1],
             "source_statuses": [r.status() for r in runs]}
 
 
 class Collector:
-    """Runs collections (from HTTP or its own thread) and applies pushes. One writer per source: a
-    session lock on the run's own connection; per storage node: locks in every page transaction."""
+    """Runs collections (HTTP or its own thread) and pushes; one writer per source and per storage node."""
 
     def __init__(self, config: Config, db: Database):
         self.config, self.db = config, db
         self.clients = {s.source_id: ExporterClient(s, config.tokens[s.source_id], config.max_body_bytes)
                         for s in config.sources if s.mode == "pull"}
         self.defaults = Pricing(config.initial_included_quota, config.price_per_byte, ONE, config.source_revision)
-        self._stop = threading.Event()
-        self._thread = None
+        self._stop, self._thread = threading.Event(), None
         # Push outcomes and rejections are counted here and written with the next run's record, so a
         # flood of bad pushes costs PostgreSQL nothing; the log says how many lines it left out.
-        self._pushes: collections.Counter = collections.Counter()  # (source_id, outcome) -> bodies
-        self._push_errors: dict = {}  # source_id -> (last rejection, when)
+        self._pushes, self._push_errors = collections.Counter(), {}  # (source_id, outcome): bodies; last rejections
         self._counts_lock = threading.Lock()
         self._log_rejection = Throttled(config.secrets)
         self._out_of_range: set = set()  # accounts already warned about
@@ -2038,7 +1929,7 @@ class Collector:
                     if time.monotonic() >= deadline or self._stop.is_set():
                         # Another writer has it: nothing done, nothing to say, unless it has held it
                         # without moving the watermark for too long (stuck).
-                        held, idle = source_lock_holder(conn, source.source_id) or (0, 0)
+                        held, idle = source_run_age(conn, source.source_id)
                         limit = 3 * (self.config.collect_interval or 60)
                         run.state, run.error = ("partial", (
                             f"busy: another writer has held this source for {held:.0f}s and not moved its "
@@ -2052,8 +1943,7 @@ class Collector:
         return run
 
     def _fail(self, run: SourceRun, exc: Exception, source_ids) -> None:
-        """Record a failure on the sources' rows (a ranged reconcile's on none: a normal run's error stays
-        until a normal run succeeds); their watermarks stay where they are."""
+        """Record a failure on the sources' rows (a ranged reconcile's on none); watermarks stay put."""
         if isinstance(exc, ExporterError):
             error = f"{exc.category}: {exc}"
         elif isinstance(exc, psycopg2.errors.LockNotAvailable):
@@ -2120,8 +2010,7 @@ class Collector:
     # -- one page transaction, pulled or pushed --------------------------------
 
     def apply(self, conn, page: Page, run: SourceRun, after=None, wait: float | None = None) -> None:
-        """One page, one transaction: its facts and its progress (``after``), or nothing. Call it
-        holding PAGE_SLOT."""
+        """One page (hold PAGE_SLOT), one transaction: its facts and its progress (``after``), or nothing."""
         metered, rated = self._rate_and_write(conn, page, wait)
         if after is not None:
             after()
@@ -2230,27 +2119,25 @@ class Collector:
             self._stop.wait(max(1.0, self.config.collect_interval - (time.monotonic() - begun)))
 
 
+def announce(config: Config) -> None:
+    """Start-up (gunicorn's arbiter): the effective configuration, one JSON line, and its likely mistakes."""
+    log_event(config.secrets, "config", **effective_config(config))
+    for warning in config.warnings:
+        log_event(config.secrets, "config_warning", message=warning)
+
+
 def check_database(config: Config) -> None:
-    """Start-up: the grants the service needs (a ConfigError naming what is missing) and a price of zero
-    that nothing overrides (a warning). A database that does not answer yet is only logged."""
+    """Start-up: missing grants are a ConfigError, a price of zero a warning, a database that is down a log."""
     try:
         with Database(config.database_url).connection(pooled=False) as conn:
             missing, (priced, profiles) = missing_grants(conn), priced_profiles(conn)
     except psycopg2.Error as exc:
-        log_event(config.secrets, "database_unchecked", error=db_error_text(exc))
-        return
+        return log_event(config.secrets, "database_unchecked", error=db_error_text(exc))
     if missing:
         raise ConfigError(f"DATABASE_URL: the database role lacks {'; '.join(missing)} (README: Grants)")
     if config.price_per_byte == 0 and not priced:
         log_event(config.secrets, "config_warning", message=f"PRICE_PER_BYTE is 0 and none of the {profiles} "
                   "billing profiles sets a price: every charge is 0")
-
-
-def announce(config: Config) -> None:
-    """Start-up: the effective configuration, one JSON line, and what looks like a mistake in it."""
-    log_event(config.secrets, "config", **effective_config(config))
-    for warning in config.warnings:
-        log_event(config.secrets, "config_warning", message=warning)
 
 
 def create_app(environ=None) -> flask.Flask:

@@ -45,6 +45,7 @@ ENV = {
         "IMAGE": "",
         "WEB_CONCURRENCY": "2",
     },
+    "bs_tls_env": {},
     "bs_extra_env": {},
 }
 # file: (template, values, what to do with it: the header, in place of Ansible's "managed" line)
@@ -64,7 +65,8 @@ def render(template: str, values: dict, managed: str = "Ansible managed") -> str
     """The template as Ansible's template module writes it (`managed`: its ansible_managed)."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(DEPLOY), trim_blocks=True,
                                      keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    environment.filters["combine"] = lambda base, extra: {**base, **extra}  # Ansible's, for flat dicts
+    # Ansible's combine, for flat dicts: later ones win.
+    environment.filters["combine"] = lambda base, *more: {key: value for d in (base, *more) for key, value in d.items()}
     return environment.get_template(template).render(ansible_managed=managed, **values)
 
 
