@@ -37,7 +37,7 @@ import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from types import SimpleNamespace
@@ -5590,6 +5590,119 @@ def test_sweeps_in_parallel_with_page_transactions_keep_every_rule(db, exporters
     suspended = sum(v for k, v in samples.items() if k[0] == "billing_suspended_total")
     lifted = sum(v for k, v in samples.items() if k[0] == "billing_lifted_total")
     assert suspended - lifted == metric(samples, "billing_accounts_suspended")
+
+
+# ---- money: exact decimals on a fixed quantum over the shared double columns ---------------
+
+@pytest.mark.parametrize("value, message", [
+    ("abc", "MONEY_QUANTUM: not a valid number"), ("1e-9x", "MONEY_QUANTUM: not a valid number"),
+    ("0", "MONEY_QUANTUM: must be above zero"), ("-0.01", "MONEY_QUANTUM: must be above zero"),
+    ("nan", "MONEY_QUANTUM: must be a finite number"), ("", "MONEY_QUANTUM is set but empty")])
+def test_a_bad_money_quantum_stops_startup_naming_it(value, message):
+    with pytest.raises(billing.ConfigError, match=re.escape(message)):
+        billing.load_config(base_env(MONEY_QUANTUM=value))
+
+
+def test_money_quantum_and_initial_balance_are_exact_decimals():
+    config = billing.load_config(base_env(MONEY_QUANTUM="0.01", INITIAL_BALANCE="-12.34", PRICE_PER_BYTE="0.000000731"))
+    assert (config.quantum, config.initial_balance, config.price_per_byte) == (
+        Decimal("0.01"), Decimal("-12.34"), Decimal("0.000000731"))
+    with pytest.raises(billing.ConfigError, match="INITIAL_BALANCE: must be a multiple of MONEY_QUANTUM"):
+        billing.load_config(base_env(MONEY_QUANTUM="0.01", INITIAL_BALANCE="0.005"))
+    with pytest.raises(billing.ConfigError, match="INITIAL_BALANCE: must be a multiple"):  # beyond the exact range
+        billing.load_config(base_env(INITIAL_BALANCE="1000000"))
+
+
+MONEY_PROFILES = {B: dict(price=0.0000123, region=1.1, line=0.7, peak=1.3, offpeak=0.9, version="money-v1"),
+                  C: dict(price=0.0, region=0.7, line=1.0, version="money-c")}
+MONEY_PRICE = Decimal("0.000000731")
+
+
+def money_pricing(account_id) -> billing.Pricing:
+    defaults = billing.Pricing(0, MONEY_PRICE, Decimal(1), "billing-service-v1")
+    p = MONEY_PROFILES.get(account_id)
+    return defaults if p is None else billing.effective_pricing(
+        (0, p["price"], p["region"], p["line"], p.get("peak", 1.0), p.get("offpeak", 1.0), p["version"]), defaults)
+
+
+def on_quantum(value: Decimal) -> bool:
+    return value == value.quantize(QUANTUM)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_money_is_exact_on_the_quantum_whatever_the_order_of_pulls_pushes_and_top_ups(db, exporters, data):
+    """Prices like 0.000000731, region and line multipliers like 1.1 and 0.7, peak and off-peak, pulls
+    and pushes of two nodes, top-ups between runs: every amount is quantize(bytes x price x multipliers)
+    (half-even, once per ledger row), every stored amount and balance is on the quantum and reads back
+    as that decimal, and each balance equals its start plus its top-ups plus its ledger amounts,
+    exactly, in decimal."""
+    reset_database(db, [])
+    db.add_users(A, B, C)
+    for account_id, profile in MONEY_PROFILES.items():
+        db.set_profile(account_id, **profile)
+    peak = data.draw(st.sampled_from([None, "UTC"]), "peak hours")
+    window = peak_hours(at(-40), at(-25)) if peak else None
+    server = exporters([])
+    svc = Service(service_env(db, [source("pull", server), push_source("push", node="node-b")],
+                              PRICE_PER_BYTE=str(MONEY_PRICE), INITIAL_BALANCE="10.5",
+                              **({"PEAK_HOURS": window} if window else {})))
+    db.set_watermark("pull", at(-62))
+    counters, top_ups, stamp = {}, collections.Counter(), at(-60)
+    for _ in range(data.draw(st.integers(2, 6), "rounds")):
+        pulled, pushed = [], []
+        for _ in range(data.draw(st.integers(1, 4), "snapshots")):
+            stamp += timedelta(seconds=data.draw(st.sampled_from([13, 40, 61, 130])))
+            node = data.draw(st.sampled_from(["node-a", "node-b"]), "node")
+            samples = []
+            for account_id in (A, B, C):
+                for tag in ("", "x"):
+                    counter = counters.setdefault((node, account_id, tag), [0, 0])
+                    counter[0] += data.draw(st.integers(1, 3_000_000_007), "up")
+                    counter[1] += data.draw(st.integers(0, 999_999), "down")
+                    samples.append((account_id, tag, *counter))
+            (pulled if node == "node-a" else pushed).append(snap(stamp, *samples))
+        server.add(*pulled)
+        if pushed:
+            assert push(svc, push_body(pushed, node="node-b"))[0] == 200
+        status, result = svc.post()
+        assert status == 200 and result["status"] == "ok", result
+        for account_id in data.draw(st.lists(st.sampled_from([A, B, C]), max_size=2, unique=True), "top-ups"):
+            amount = data.draw(st.sampled_from([Decimal("1.25"), Decimal("0.000000001"), Decimal("7.3")]))
+            # As the README asks the accounts service to: in numeric, so the double stays on the quantum.
+            db.q("UPDATE account_quota_states SET current_balance = (current_balance::numeric + %s)::float8 "
+                 "WHERE account_uuid = %s", (amount, account_id))
+            top_ups[account_id] += amount
+    config = billing.load_config(base_env(**({"PEAK_HOURS": window} if window else {})))
+    rows = db.q("""SELECT account_uuid::text, bucket_start, rated_bytes, amount_delta, amount_delta::text,
+                          balance_after FROM billing_ledger ORDER BY created_at""")
+    assert rows
+    for account_id, minute, rated, amount, printed, balance_after in rows:
+        price = money_pricing(account_id)
+        with localcontext() as context:
+            context.prec = 60
+            expected = Decimal(0) - (rated * price.price_per_byte *
+                                     billing.minute_multiplier(price, minute, config.peak)).quantize(
+                QUANTUM, rounding=ROUND_HALF_EVEN)
+        assert money(amount) == expected == Decimal(printed), (account_id, rated, amount, expected)
+        assert on_quantum(money(balance_after))
+    for account_id, _, balance, *_ in db.quota():
+        charged = sum(money(row[3]) for row in rows if row[0] == account_id)
+        assert Decimal("10.5") + top_ups[account_id] + charged == money(balance), account_id  # to the last digit
+        assert on_quantum(money(balance))
+
+
+def test_a_balance_written_with_more_digits_lands_on_the_quantum_with_the_next_charge(db, exporters, service):
+    """The original service (or a top-up) left 3.14159265358979: the next charge's balance_after and the
+    balance are that plus the amount, rounded half-even once to the quantum; from there on they add up."""
+    db.add_users(A)
+    db.q("INSERT INTO account_quota_states (account_uuid, current_balance) VALUES (%s, 3.14159265358979)", (A,))
+    _, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 1000, 0)), snap(at(2, 5), (A, "", 3000, 0))],
+                        PRICE_PER_BYTE="0.000000731")
+    assert svc.post()[1]["status"] == "ok"
+    first, second = [money(row[0]) for row in db.q("SELECT balance_after FROM billing_ledger ORDER BY bucket_start")]
+    assert first == Decimal("3.140861654")  # 3.14159265358979 - 0.000731 = 3.14086165358979, rounded once
+    assert second == first - Decimal("0.001462") == money(db.quota()[0][2])
 
 
 # ---- deployment: Ansible playbook and systemd unit ---------------------------------------
