@@ -1,11 +1,7 @@
-"""billing-service: the write model of traffic billing (README.md is the contract).
-
-It pulls windows of cumulative per-user byte counters from xray-exporters, or
-takes the snapshots they push, turns them into per-minute deltas, rates them and
-writes replay-safe facts to PostgreSQL. Six sections, each using only those
-above it: config, exporter client, repository (all SQL), billing core (pure),
-HTTP routes, collector. gunicorn serves ``app``, built on first access.
-"""
+"""billing-service, the write model of traffic billing (README.md is the contract): cumulative per-user byte
+counters, pulled from xray-exporters or pushed by them, become per-minute deltas, rated, and replay-safe facts
+in PostgreSQL. Six sections, each using only those above it: config, exporter client, repository (all SQL),
+billing core (pure), HTTP routes, collector. gunicorn serves ``app``, built on first access."""
 from __future__ import annotations
 
 import collections
@@ -36,9 +32,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import flask
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
+import psycopg2  # with psycopg2.errors and psycopg2.extensions
 import requests
 import urllib3
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -421,17 +415,10 @@ def load_config(environ) -> Config:
 
 
 # Every variable the service reads (gunicorn.conf.py reads WEB_CONCURRENCY): a near miss is warned about.
-KNOWN_VARIABLES = ("DATABASE_URL", "INTERNAL_SERVICE_TOKEN", "EXPORTER_SOURCES_JSON", "EXPORTER_BASE_URL",
-                   "LISTEN_ADDR", "COLLECT_INTERVAL", "DEFAULT_REGION", "SOURCE_REVISION", "PRICE_PER_BYTE",
-                   "INITIAL_INCLUDED_QUOTA_BYTES", "INITIAL_BALANCE", "IMAGE", "MAX_PAGES_PER_RUN", "MAX_BODY_BYTES",
-                   "PEAK_HOURS", "PEAK_TIMEZONE", "ARREARS_SUSPEND_THRESHOLD", "MONEY_QUANTUM", "PUSH_MAX_AGE",
-                   "WEB_CONCURRENCY", *TLS_VARIABLES)
-
-
-def effective_config(config: Config) -> dict:
-    """Every setting as the service uses it, for the start-up log (secrets are redacted by log_event)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
-            if f.name not in ("service_token", "tokens", "secrets", "warnings")}
+KNOWN_VARIABLES = ("DATABASE_URL", "INTERNAL_SERVICE_TOKEN", "EXPORTER_SOURCES_JSON", "EXPORTER_BASE_URL", "LISTEN_ADDR",
+                   "COLLECT_INTERVAL", "DEFAULT_REGION", "SOURCE_REVISION", "PRICE_PER_BYTE", "INITIAL_BALANCE", "IMAGE",
+                   "INITIAL_INCLUDED_QUOTA_BYTES", "MAX_PAGES_PER_RUN", "MAX_BODY_BYTES", "PEAK_HOURS", "PEAK_TIMEZONE",
+                   "ARREARS_SUSPEND_THRESHOLD", "MONEY_QUANTUM", "PUSH_MAX_AGE", "WEB_CONCURRENCY", *TLS_VARIABLES)
 
 
 _log = logging.getLogger("billing_service")
@@ -452,8 +439,7 @@ class Throttled:
 
     def __init__(self, secrets: Secrets, interval: float = 10.0):
         self._secrets, self._interval, self._lock = secrets, interval, threading.Lock()
-        self._last: dict = {}
-        self._suppressed: collections.Counter = collections.Counter()
+        self._last, self._suppressed = {}, collections.Counter()
 
     def __call__(self, event: str, key=(), **fields) -> None:
         with self._lock:
@@ -470,12 +456,9 @@ _COMMIT = re.compile(r"(?:sha-)?([0-9a-f]{40})")
 
 def parse_image(image: str) -> dict:
     """Tag, commit and version of an image reference; empty where unknown."""
-    reference = image.split("@", 1)[0]
-    _, sep, tag = reference.rpartition(":")
-    if not sep or "/" in tag:  # no tag, or the colon was a registry port
-        tag = ""
-    match = _COMMIT.fullmatch(tag)
-    commit = match.group(1) if match else ""
+    _, sep, tag = image.split("@", 1)[0].rpartition(":")
+    tag = tag if sep and "/" not in tag else ""  # no tag, or the colon was a registry port
+    commit = match.group(1) if (match := _COMMIT.fullmatch(tag)) else ""
     return {"image": image, "tag": tag, "commit": commit, "version": commit}
 
 
@@ -799,14 +782,11 @@ Watermark = collections.namedtuple("Watermark", "source_id last_completed_until 
                                                 "last_error", defaults=(None, None, None, ""))
 
 
-@dataclass
-class SeriesReads:
-    """What a page transaction reads, under its node locks, about the page's accounts on its nodes."""
-    known: set  # accounts that have a users row
-    checkpoints: dict  # (series key, account) -> Checkpoint: each series' own, and each (node, account)'s plain key
-    seen: set  # (storage node, account) with any checkpoint on the node
-    inherited: set  # (storage node, account) whose plain-key row the original service left, not yet taken over
-    marks: dict = field(default_factory=dict)  # storage node -> its newest snapshot applied
+# What a page transaction reads, under its node locks: ``known`` accounts (a users row); ``checkpoints``
+# (series key, account) -> Checkpoint, each series' own and each (node, account)'s plain key; ``seen``
+# (node, account) with any checkpoint on the node; ``inherited`` (node, account) whose plain-key row the
+# original service left and nobody has taken over; ``marks`` node -> its newest snapshot applied.
+SeriesReads = collections.namedtuple("SeriesReads", "known checkpoints seen inherited marks", defaults=({},))
 
 
 class Database:
@@ -865,13 +845,12 @@ def db_error_text(exc: psycopg2.Error) -> str:
 
 
 # What the service does in the shared database, table by table (README: Grants).
-REQUIRED_GRANTS = {"users": "SELECT", "account_billing_profiles": "SELECT", "billing_node_marks": "SELECT, INSERT, UPDATE",
-                   "traffic_stat_checkpoints": "SELECT, INSERT, UPDATE, DELETE",
-                   "traffic_minute_buckets": "SELECT, INSERT, UPDATE", "billing_ledger": "SELECT, INSERT",
-                   "account_quota_states": "SELECT, INSERT, UPDATE",
-                   "billing_source_sync_state": "SELECT, INSERT, UPDATE",
+_WRITE = "SELECT, INSERT, UPDATE"
+REQUIRED_GRANTS = {"users": "SELECT", "account_billing_profiles": "SELECT", "billing_ledger": "SELECT, INSERT",
+                   "traffic_stat_checkpoints": f"{_WRITE}, DELETE", "traffic_minute_buckets": _WRITE,
+                   "account_quota_states": _WRITE, "billing_source_sync_state": _WRITE, "billing_node_marks": _WRITE,
                    "billing_inherited_checkpoints": "SELECT, DELETE", "billing_job_runs": "SELECT, INSERT, DELETE",
-                   "billing_job_totals": "SELECT, INSERT, UPDATE", "billing_push_totals": "SELECT, INSERT, UPDATE"}
+                   "billing_job_totals": _WRITE, "billing_push_totals": _WRITE}
 
 
 def missing_grants(conn) -> list:
@@ -941,8 +920,7 @@ def write_sync_state(conn, source_id: str, completed=None, succeeded=None, error
 # Page-scoped scratch tables: filled with COPY, joined set-based, emptied at
 # commit. One fixed set of statements per page, whatever its size.
 _TEMP_TABLES = """
-CREATE TEMP TABLE IF NOT EXISTS page_series (series_node TEXT, storage_node TEXT, account_uuid UUID)
-  ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS page_series (series_node TEXT, storage_node TEXT, account_uuid UUID) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS page_quota (account_uuid UUID, remaining BIGINT, balance DOUBLE PRECISION,
   last_rated TIMESTAMPTZ, arrears_since TIMESTAMPTZ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS page_buckets (bucket_start TIMESTAMPTZ, node_id TEXT, account_uuid UUID,
@@ -969,15 +947,14 @@ def _copy(cur, table: str, rows) -> None:
 
 
 def read_series(conn, series: list) -> SeriesReads:
-    """What the core needs about the page's (series key, storage node, account) triples: which accounts
-    exist, each key's checkpoint, the original's untaken plain-key rows (billing_inherited_checkpoints),
-    and only for a series new to the database, whether its account has another series on the node."""
+    """What the core needs about the page's (series key, storage node, account) triples (SeriesReads); the
+    costly prefix scan only when a series is new to the database."""
     with conn.cursor() as cur:
         cur.execute(_TEMP_TABLES)
         _copy(cur, "page_series", series)
     known = {row[0] for row in _sql(conn, "SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s "
                                           "ON s.account_uuid = u.uuid", commit=False)}
-    reads = SeriesReads(known, {}, set(), set())
+    reads = SeriesReads(known, {}, set(), set(), {})
     for key, node, account, up, down, seen, epoch, inherited in _sql(conn, """
             SELECT s.series_node, s.storage_node, s.account_uuid::text, c.last_uplink_total, c.last_downlink_total,
                    c.last_seen_at, c.reset_epoch, i.node_id IS NOT NULL
@@ -989,13 +966,13 @@ def read_series(conn, series: list) -> SeriesReads:
         reads.seen.add((node, account))
         if inherited:
             reads.inherited.add((key, account))
-    reads.marks = dict(_sql(conn, "SELECT node_id, last_snapshot_at FROM billing_node_marks WHERE node_id = ANY(%s)",
+    reads.marks.update(_sql(conn, "SELECT node_id, last_snapshot_at FROM billing_node_marks WHERE node_id = ANY(%s)",
                             (list({node for _, node, _ in series}),), False))
     if any((key, account) not in reads.checkpoints and (node, account) not in reads.seen and account in known
            for key, node, account in series):  # rare: a node's or an account's first series
-        reads.seen |= {tuple(row) for row in _sql(conn, """
+        reads.seen.update(tuple(row) for row in _sql(conn, """
             SELECT DISTINCT s.storage_node, s.account_uuid::text FROM page_series s JOIN traffic_stat_checkpoints c
-              ON c.account_uuid = s.account_uuid AND starts_with(c.node_id, s.storage_node || '#')""", commit=False)}
+              ON c.account_uuid = s.account_uuid AND starts_with(c.node_id, s.storage_node || '#')""", commit=False))
     return reads
 
 
@@ -1090,31 +1067,26 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
 
 
 def sweep_arrears(conn, suspend_after: float) -> tuple[int, int]:
-    """Every debtor gets an arrears clock (a balance below zero without arrears_since, taken over or debited
-    outside rating: from now), is suspended once in arrears longer than ``suspend_after`` seconds (0: never),
-    and is lifted at a balance at or above zero, but only from a suspension billing made. One statement,
-    rows locked in account order as rating does. Returns (suspended, lifted)."""
+    """Every debtor gets an arrears clock (from now, where rating set none), is suspended after ``suspend_after``
+    s (0: never), lifted at a balance >= 0 only from billing's own suspension. Rows locked in account order."""
     rows = _sql(conn, """
         WITH due AS (
-          SELECT account_uuid, suspend_state AS was FROM account_quota_states
+          SELECT account_uuid, suspend_state AS was, current_balance < 0 AS owing,
+                 coalesce(arrears_since, now()) AS since FROM account_quota_states
           WHERE CASE WHEN current_balance < 0
                      THEN NOT arrears OR arrears_since IS NULL OR (%(after)s > 0 AND suspend_state <> 'suspended'
                           AND arrears_since <= now() - make_interval(secs => %(after)s))
                      ELSE arrears OR arrears_since IS NOT NULL OR suspended_by_billing END
           ORDER BY account_uuid FOR UPDATE),
-        moved AS (
-          SELECT q.account_uuid, q.current_balance < 0 AS owing, coalesce(q.arrears_since, now()) AS since,
-                 %(after)s > 0 AND q.current_balance < 0 AND q.suspend_state <> 'suspended'
-                   AND coalesce(q.arrears_since, now()) <= now() - make_interval(secs => %(after)s) AS suspend
-          FROM account_quota_states q JOIN due USING (account_uuid))
+        moved AS (SELECT *, owing AND %(after)s > 0 AND was <> 'suspended'
+                            AND since <= now() - make_interval(secs => %(after)s) AS suspend FROM due)
         UPDATE account_quota_states q
         SET arrears = m.owing, arrears_since = CASE WHEN m.owing THEN m.since END,
             throttle_state = CASE WHEN m.owing THEN 'throttled' ELSE 'normal' END,
             suspend_state = CASE WHEN m.suspend THEN 'suspended'
                                  WHEN NOT m.owing AND q.suspended_by_billing THEN 'active' ELSE q.suspend_state END,
             suspended_by_billing = m.suspend OR (m.owing AND q.suspended_by_billing), updated_at = now()
-        FROM moved m JOIN due USING (account_uuid) WHERE q.account_uuid = m.account_uuid
-        RETURNING q.suspend_state, due.was""", {"after": suspend_after})
+        FROM moved m WHERE q.account_uuid = m.account_uuid RETURNING q.suspend_state, m.was""", {"after": suspend_after})
     return (sum(now == "suspended" and was != "suspended" for now, was in rows),
             sum(now == "active" and was == "suspended" for now, was in rows))
 
@@ -1172,9 +1144,10 @@ def read_source_views(conn, source_ids, started: datetime) -> dict:
 
 
 def read_counters(conn) -> tuple[list, list, tuple]:
-    """Run totals, push totals, and (accounts in arrears, accounts suspended)."""
+    """Run totals, push totals (source, received, applied, rejected), and (accounts in arrears, suspended)."""
     return (_sql(conn, f"SELECT job, status, runs, {', '.join(TOTAL_FIELDS)} FROM billing_job_totals ORDER BY 1, 2"),
-            _sql(conn, "SELECT source_id, outcome, pushes FROM billing_push_totals ORDER BY 1, 2"),
+            _sql(conn, """SELECT source_id, sum(pushes), sum(pushes) FILTER (WHERE outcome = 'applied'),
+                          sum(pushes) FILTER (WHERE outcome = 'rejected') FROM billing_push_totals GROUP BY 1 ORDER BY 1"""),
             _sql(conn, """SELECT count(*) FILTER (WHERE arrears), count(*) FILTER (WHERE suspend_state = 'suspended')
                           FROM account_quota_states""")[0])
 
@@ -1182,11 +1155,10 @@ def read_counters(conn) -> tuple[list, list, tuple]:
 def read_account(conn, account: str, since: datetime, until: datetime) -> dict | None:
     """One account's state and per-day bytes and ledger sums, from the account-first indexes (None: no user)."""
     rows = _sql(conn, """
-        SELECT u.uuid IS NOT NULL, q.current_balance, q.remaining_included_quota, q.arrears, q.arrears_since,
-               q.throttle_state, q.suspend_state, q.suspended_by_billing, q.last_rated_bucket_at
-        FROM (SELECT %s::uuid AS id) a LEFT JOIN users u ON u.uuid = a.id
-        LEFT JOIN account_quota_states q ON q.account_uuid = a.id""", (account,))
-    if not rows[0][0]:
+        SELECT q.current_balance, q.remaining_included_quota, q.arrears, q.arrears_since, q.throttle_state,
+               q.suspend_state, q.suspended_by_billing, q.last_rated_bucket_at
+        FROM users u LEFT JOIN account_quota_states q ON q.account_uuid = u.uuid WHERE u.uuid = %s""", (account,))
+    if not rows:
         return None
     lines = _sql(conn, """
         SELECT date_trunc('day', bucket_start), region, line_code, sum(uplink_bytes), sum(downlink_bytes),
@@ -1198,7 +1170,7 @@ def read_account(conn, account: str, since: datetime, until: datetime) -> dict |
         SELECT date_trunc('day', bucket_start), sum(rated_bytes), sum(amount_delta::numeric), count(*)
         FROM billing_ledger WHERE account_uuid = %s AND created_at >= %s AND bucket_start >= %s AND bucket_start < %s
         GROUP BY 1 ORDER BY 1""", (account, since - MAX_PUSH_AHEAD, since, until))
-    return {"state": rows[0][1:], "lines": lines, "money": money}
+    return {"state": rows[0], "lines": lines, "money": money}
 
 
 # ---- billing core: pure rating of samples against checkpoints and quota ----
@@ -1208,14 +1180,9 @@ ONE, ZERO = Decimal(1), Decimal(0)
 MONEY = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
 
 
-@dataclass(frozen=True, slots=True)
-class Pricing:
-    included_quota: int  # given on first sight
-    price_per_byte: Decimal
-    multiplier: Decimal  # region x line
-    version: str
-    peak: Decimal = ONE  # x multiplier inside PEAK_HOURS
-    offpeak: Decimal = ONE  # x multiplier outside them
+# included_quota: given on first sight; multiplier: region x line; peak, offpeak: x it inside/outside PEAK_HOURS.
+Pricing = collections.namedtuple("Pricing", "included_quota price_per_byte multiplier version peak offpeak",
+                                 defaults=(ONE, ONE))
 
 
 def _positive(value, default):
@@ -1223,9 +1190,8 @@ def _positive(value, default):
 
 
 def effective_pricing(profile, defaults: Pricing) -> Pricing:
-    """Config defaults, overridden by an account_billing_profiles row (included, price, region, line, peak,
-    offpeak, version), its doubles read as the decimals they print as. Non-positive or non-finite numbers
-    fall back: never a NaN charge."""
+    """Config defaults overridden by a profile row, its doubles read as the decimals they print as;
+    non-positive or non-finite numbers fall back (never a NaN charge)."""
     if profile is None:
         return defaults
     included, price, region_mult, line_mult, peak, offpeak, version = profile
@@ -1266,9 +1232,8 @@ def page_series(snapshots) -> list:
 
 def ledger_id(bucket_start: datetime, node: str, account: str, region: str, line_code: str,
               collected_at: datetime) -> str:
-    """The id of one sample's ledger row: a hash of the increment, so a replay writes nothing, led by the
-    bucket minute's Unix milliseconds, so a minute's rows share a few leaves of billing_ledger's primary key
-    (a random id costs a random leaf per insert). RFC 9562 version 8 layout."""
+    """One sample's ledger id (RFC 9562 v8): the bucket minute's Unix ms, then a hash of the increment. A replay
+    writes nothing, and a minute's rows share a few primary-key leaves (a random id costs one each)."""
     name = f"{format_time(bucket_start)}|{node}|{account}|{region}|{line_code}|{format_time(collected_at)}"
     h = hashlib.sha256(name.encode()).hexdigest()
     x = f"{int(bucket_start.timestamp()) * 1000:012x}8{h[:3]}{'89ab'[int(h[3], 16) & 3]}{h[4:19]}"
@@ -1291,16 +1256,13 @@ class MeteredPage:
     replayed_minutes: int = 0  # distinct (series, minute) among them
     resets: int = 0  # counter resets (re-baselined, nothing billed)
     baselined: int = 0  # first samples recorded without billing (first_sight baseline, new series, takeover)
-    unknown: int = 0  # samples of accounts without a users row
-    unknown_accounts: set = field(default_factory=set)
+    unknown: collections.Counter = field(default_factory=collections.Counter)  # samples by account without users row
 
 
 def meter_page(snapshots, reads: SeriesReads, region: str) -> MeteredPage:
-    """Turn snapshots (in collected_at order) into byte increments against the series checkpoints. Each
-    decision follows from ``reads`` (the database before the page) and the snapshots before it, one
-    snapshot at a time, so the same snapshots split into any pages bill the same (I7). A snapshot no newer
-    than one already applied of its node only replays: it never starts a series (a re-read overlap would
-    otherwise start the series of an account created since at a minute other deliveries never bill). Pure."""
+    """Snapshots (in collected_at order) into byte increments. Every decision follows from ``reads`` (the
+    database before the page) and the snapshots before it, so any split of the same snapshots bills the
+    same (I7); a snapshot no newer than its node's newest only replays, never starting a series. Pure."""
     out = MeteredPage([], {}, dict(reads.marks))
     marks = out.marks
     state = dict(reads.checkpoints)  # the checkpoints as this page has moved them so far
@@ -1319,8 +1281,7 @@ def meter_page(snapshots, reads: SeriesReads, region: str) -> MeteredPage:
             if s.account in reads.known:
                 accounts.setdefault(s.account, []).append(s)
             else:
-                out.unknown += 1
-                out.unknown_accounts.add(s.account)
+                out.unknown[s.account] += 1
         for account, samples in accounts.items():
             plain = (node, account)
             original = state.get(plain) if plain in inherited else None
@@ -1380,10 +1341,9 @@ class RatedPage:
 
 def rate_increments(increments, pricing: dict, quota: dict, peak: PeakHours | None, quantum: Decimal,
                     billed: set = frozenset()) -> RatedPage:
-    """Price increments in order: included quota first, then bytes x price x multipliers in decimal,
-    rounded half-even once per ledger row to ``quantum``; each balance moves by exactly its amounts.
-    One immutable ledger row per increment; one whose id is in ``billed`` was billed before: no bytes,
-    money or quota. Pure."""
+    """Price increments in order: included quota first, then bytes x price x multipliers in decimal, rounded
+    half-even once per ledger row to ``quantum``; balances move by exactly those amounts. Ids in ``billed``
+    were billed before: no bytes, money or quota. Pure."""
     out = RatedPage([], [], {})
     buckets: dict = {}
     with decimal.localcontext(MONEY):
@@ -1395,9 +1355,9 @@ def rate_increments(increments, pricing: dict, quota: dict, peak: PeakHours | No
             price = pricing[account]
             multiplier = minute_multiplier(price, inc.bucket_start, peak)
             key = (inc.bucket_start, inc.node_id, account, inc.line_code)
-            bucket = buckets.get(key)
-            if bucket is None:
-                bucket = buckets[key] = Bucket(inc.bucket_start, inc.node_id, account, inc.line_code)
+            if key not in buckets:
+                buckets[key] = Bucket(*key)
+            bucket = buckets[key]
             bucket.uplink += inc.uplink
             bucket.downlink += inc.downlink
             bucket.multiplier = multiplier
@@ -1457,7 +1417,7 @@ def open_view(run: dict) -> dict:
                                 for s in run.get("source_statuses", [])]}
 
 
-def parse_range(since, until, now: datetime, longest: timedelta) -> tuple[datetime, datetime]:
+def parse_range(since, until, longest: timedelta) -> tuple[datetime, datetime]:
     """A [since, until) pair of RFC3339 times, both given, since first, at most ``longest`` long."""
     since, until = parse_time(since), parse_time(until)
     if since is None or until is None:
@@ -1469,10 +1429,12 @@ def parse_range(since, until, now: datetime, longest: timedelta) -> tuple[dateti
     return since, until
 
 
-def parse_reconcile_body(body: bytes, config: Config, now: datetime):
-    """Optional {"source_id", "since", "until"}: (source_ids or None, (since, until) or None)."""
+def parse_job_body(job: str, body: bytes, config: Config, now: datetime):
+    """A reconcile's optional {"source_id", "since", "until"}: (source_ids or None, (since, until) or None)."""
     if not body.strip():
         return None, None
+    if job != "reconcile":
+        raise BadRequest(f"{job} takes no body (a ranged replay is POST /v1/jobs/reconcile)")
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -1492,7 +1454,7 @@ def parse_reconcile_body(body: bytes, config: Config, now: datetime):
         raise BadRequest("since and until go together")
     if "since" not in doc:
         return source_ids, None
-    since, until = parse_range(doc["since"], doc["until"], now, MAX_RECONCILE_RANGE)
+    since, until = parse_range(doc["since"], doc["until"], MAX_RECONCILE_RANGE)
     if until >= minute_floor(now):
         raise BadRequest("until must be before the current minute (that minute is still being written)")
     return source_ids, (since, until)
@@ -1515,10 +1477,11 @@ def money_text(amount: Decimal) -> str:
     return format(amount.normalize() + 0, "f")  # + 0: never "-0"
 
 
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", '"': '\\"'})
+
+
 def _metric_line(name: str, labels: dict, value) -> str:
-    def escape(text):
-        return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-    label_text = ",".join(f'{key}="{escape(val)}"' for key, val in labels.items())
+    label_text = ",".join(f'{key}="{str(val).translate(_LABEL_ESCAPES)}"' for key, val in labels.items())
     return f"{name}{{{label_text}}} {value}" if label_text else f"{name} {value}"
 
 
@@ -1541,9 +1504,6 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
         rows = [({"source_id": s.source_id}, pick(views[s.source_id])) for s in sources]
         return [(labels, value) for labels, value in rows if value is not None]
 
-    def stamp(value):
-        return None if value is None else f"{value.timestamp():.3f}"
-
     enabled = [s for s in config.sources if s.enabled]
     family("billing_source_enabled", "gauge", "Whether the source is enabled.",
            [({"source_id": s.source_id}, int(s.enabled)) for s in config.sources])
@@ -1552,9 +1512,9 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
            per_source(lambda row: f"{float(row[5]):.3f}", enabled))
     for name, help_text, pick in (
             ("last_success_timestamp_seconds", "Unix time of the source's last successful run or applied push.",
-             lambda row: stamp(row[3])),
+             lambda row: row[3] and f"{row[3].timestamp():.3f}"),
             ("last_attempt_timestamp_seconds", "Unix time of the source's last attempted run or received push.",
-             lambda row: stamp(row[2])),
+             lambda row: row[2] and f"{row[2].timestamp():.3f}"),
             ("last_attempt_failed", "1 when the source's last attempt ended in an error.",
              lambda row: None if row[2] is None else int(bool(row[4]))),
             ("catchup_running", "1 while a run holds the source's lock.", lambda row: int(row[6])),
@@ -1575,13 +1535,9 @@ def render_metrics(config: Config, views: dict | None, counters) -> str:
     family("billing_invalid_samples_by_reason_total", "counter", "Invalid samples skipped, by job and reason.",
            [({"job": job, "reason": reason}, value) for reason, name in zip(INVALID_REASONS, INVALID_FIELDS)
             for job, value in sorted(by_job[name].items())])
-    for outcome in ("received", "applied", "rejected"):
-        sums = collections.Counter()
-        for source_id, kind, count in pushes:
-            if outcome in ("received", kind):
-                sums[source_id] += count
-        family(f"billing_push_{outcome}_total", "counter", f"Pushed bodies {outcome}, by push source "
-               "(source_id \"\": no source's token).", [({"source_id": s}, n) for s, n in sorted(sums.items())])
+    for index, outcome in enumerate(("received", "applied", "rejected"), start=1):
+        family(f"billing_push_{outcome}_total", "counter", f"Pushed bodies {outcome}, by push source (source_id \"\": "
+               "no source's token).", [({"source_id": row[0]}, row[index]) for row in pushes if row[index] is not None])
     family("billing_accounts_in_arrears", "gauge", "Accounts whose balance is below zero.", [({}, in_arrears)])
     family("billing_accounts_suspended", "gauge", "Accounts suspended (by billing or anyone else).",
            [({}, suspended)])
@@ -1635,7 +1591,7 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
             with db.connection(pooled=False) as conn:
                 return work(conn)
 
-    def unavailable(exc: psycopg2.Error, where: str):
+    def unavailable(exc: psycopg2.Error, where: str):  # the details to the log, a category to the client
         log_event(config.secrets, "database_error", where=where, detail=str(exc).strip())
         return db_error_text(exc)
 
@@ -1679,16 +1635,11 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
             flask.abort(413, f"request body is larger than {limit} bytes")
         return body
 
-    def job_endpoint(job: str, window_allowed: bool):
+    def job_endpoint(job: str):
         if not has_job_token():
             return unauthorized()
-        body = read_body(MAX_REQUEST_BYTES)
-        source_ids, window = None, None
         try:
-            if window_allowed:
-                source_ids, window = parse_reconcile_body(body, config, utcnow())
-            elif body.strip():
-                raise BadRequest(f"{job} takes no body (a ranged replay is POST /v1/jobs/reconcile)")
+            source_ids, window = parse_job_body(job, read_body(MAX_REQUEST_BYTES), config, utcnow())
         except BadRequest as exc:
             return flask.jsonify(error=str(exc)), 400
         result = run_job(job, source_ids, window)
@@ -1734,13 +1685,11 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     def account_bill(account: str):
         if not has_job_token():
             return unauthorized()
-        today = datetime.combine(utcnow().date(), datetime.min.time(), UTC)
-        args = flask.request.args
+        today, args = minute_floor(utcnow()).replace(hour=0), flask.request.args
         try:
             account = str(uuid.UUID(account))
             since, until = parse_range(args.get("since", format_time(today)),
-                                       args.get("until", format_time(today + timedelta(days=1))), utcnow(),
-                                       MAX_ACCOUNT_RANGE)
+                                       args.get("until", format_time(today + timedelta(days=1))), MAX_ACCOUNT_RANGE)
         except (ValueError, BadRequest) as exc:
             return flask.jsonify(error=str(exc) if isinstance(exc, BadRequest) else "not an account UUID"), 400
         found = read_db(lambda conn: read_account(conn, account, since, until))
@@ -1748,9 +1697,8 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
             return flask.jsonify(error="no such account (no users row)"), 404
         return flask.jsonify(account_view(account, since, until, found))
 
-    for job in ("collect-and-rate", "reconcile"):  # only a reconcile takes a window
-        app.add_url_rule(f"/v1/jobs/{job}", job, functools.partial(job_endpoint, job, job == "reconcile"),
-                         methods=["POST"])
+    for job in ("collect-and-rate", "reconcile"):  # only a reconcile takes a body: its window
+        app.add_url_rule(f"/v1/jobs/{job}", job, functools.partial(job_endpoint, job), methods=["POST"])
 
     def token_matches(source: Source, given: str) -> bool:
         try:
@@ -1762,12 +1710,11 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     def ingest_snapshots():
         given, remote = given_token(), flask.request.remote_addr
         allowed = [s for s in push_sources if token_matches(s, given)]
-        if not allowed:  # answered from memory: a flood of strangers costs PostgreSQL nothing
-            code, answer = reject(401, "", "missing or wrong push token", remote)
-            return flask.jsonify(answer), code
         owner = allowed[0].source_id if len(allowed) == 1 else ""  # a shared token cannot tell who sent it
         encoding = flask.request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
+        if not allowed:  # answered from memory: a flood of strangers costs PostgreSQL nothing
+            code, answer = reject(401, "", "missing or wrong push token", remote)
+        elif encoding not in ("", "identity"):
             code, answer = reject(415, owner, f"{encoding} is not accepted; send identity (uncompressed)", remote)
         else:
             try:
@@ -1775,8 +1722,8 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
             except HTTPException as exc:  # 413, or a client that went away (400)
                 code, answer = reject(exc.code, owner, exc.description, remote)
             else:
-                ndjson = flask.request.mimetype in ("application/x-ndjson", "application/ndjson")
-                code, answer = ingest(body, ndjson, allowed, remote)
+                code, answer = ingest(body, flask.request.mimetype in ("application/x-ndjson", "application/ndjson"),
+                                      allowed, remote)
         return flask.jsonify(answer), code
 
     return app
@@ -1805,25 +1752,23 @@ class SourceRun:
         # written_minutes: bucket rows written to; replayed_minutes: (series, minute) replayed; per page.
         self.counts.update(processed_samples=metered.applied + metered.replayed, written_minutes=len(rated.buckets),
                            replayed_minutes=metered.replayed_minutes, invalid_samples=sum(page.invalid.values()),
-                           unknown_account_samples=metered.unknown, counter_resets=metered.resets,
+                           unknown_account_samples=sum(metered.unknown.values()), counter_resets=metered.resets,
                            already_billed=rated.already_billed, baselined=metered.baselined)
         self.invalid.update(page.invalid)
-        self.unknown |= metered.unknown_accounts
+        self.unknown |= metered.unknown.keys()
         self.committed += 1
 
     def status(self) -> dict:
         mark = self.watermark or Watermark(self.source_id)
-        times = ("last_completed_until", "last_attempted_at", "last_succeeded_at")
         return {"source_id": self.source_id, "state": self.state, "error": self.error,
-                **{name: format_time(getattr(mark, name)) for name in times}, "last_error": mark.last_error,
+                **{name: format_time(getattr(mark, name)) for name in Watermark._fields[1:4]}, "last_error": mark.last_error,
                 **{name: self.counts[name] for name in RUN_COUNTS}, "invalid_by_reason": dict(self.invalid),
                 "pages": self.pages}
 
 
 def summarize(job: str, started: datetime, runs: list, sweep=(0, 0), idle: bool = False) -> dict:
-    """The run result: ``error`` when no source made progress and one failed (or none is enabled,
-    unless ``idle``: only push sources); ``partial`` when something failed, stopped early or was
-    skipped but work was done; ``busy`` when every source was held by another writer."""
+    """The run result: ``error`` when no source made progress and one failed (or none is enabled, unless ``idle``);
+    ``partial`` when some failed, stopped early or skipped; ``busy`` when every source was held elsewhere."""
     errors = [(r.source_id, r.error) for r in runs if r.state in ("failed", "partial")]
     errors += [(r.source_id, f"invalid_samples: {r.counts['invalid_samples']} skipped (" +
                 ", ".join(f"{reason} {n}" for reason, n in sorted(r.invalid.items())) + ")")
@@ -1876,9 +1821,8 @@ class Collector:
             self.flush()
             return result  # the collector thread found others at work, and the sweep had nothing to do: no news
         self._record(result, keep=result["status"] != "busy")
-        log_event(self.config.secrets, "run", duration_seconds=round(time.monotonic() - clock, 3),
-                  **{k: v for k, v in result.items() if k not in ("source_statuses", "started_at", "finished_at",
-                                                                  "errors")},
+        shown = {k: v for k, v in result.items() if k not in ("source_statuses", "started_at", "finished_at", "errors")}
+        log_event(self.config.secrets, "run", duration_seconds=round(time.monotonic() - clock, 3), **shown,
                   sources=[{"source_id": r.source_id, "state": r.state, "error": r.error, "pages": r.pages,
                             **({"unknown_accounts": sorted(r.unknown)[:UNKNOWN_LOGGED]} if r.unknown else {})}
                            for r in runs])
@@ -1900,8 +1844,7 @@ class Collector:
             return
         try:
             with self.db.connection() as conn:
-                if counts:
-                    add_push_totals(conn, counts)
+                add_push_totals(conn, counts)
                 for source_id, (error, when) in errors.items():
                     write_sync_state(conn, source_id, error=error, attempted=when)
         except psycopg2.Error:
@@ -1930,11 +1873,10 @@ class Collector:
                         # Another writer has it: nothing done, nothing to say, unless it has held it
                         # without moving the watermark for too long (stuck).
                         held, idle = source_run_age(conn, source.source_id)
-                        limit = 3 * (self.config.collect_interval or 60)
-                        run.state, run.error = ("partial", (
-                            f"busy: another writer has held this source for {held:.0f}s and not moved its "
-                            f"watermark for {idle:.0f}s (more than 3 x COLLECT_INTERVAL)")) if min(held, idle) > limit \
-                            else ("busy", "")
+                        run.state = "partial" if min(held, idle) > 3 * (self.config.collect_interval or 60) else "busy"
+                        if run.state == "partial":
+                            run.error = (f"busy: another writer has held this source for {held:.0f}s and not moved "
+                                         f"its watermark for {idle:.0f}s (more than 3 x COLLECT_INTERVAL)")
                         return run
                     time.sleep(0.2)
                 self._collect_locked(conn, source, window, run)
@@ -2053,53 +1995,44 @@ class Collector:
         return code, {"error": reason}
 
     def ingest(self, body: bytes, ndjson: bool, sources, remote_addr=None) -> tuple[int, dict]:
-        """A pushed body, applied whole in one transaction (with its sources' sync state) or not at all;
-        the page slot is held for that alone, not for the sweep and the record after it."""
-        started = utcnow()
+        """A pushed body in one transaction with its sources' rows, or nothing; the slot is held for that alone."""
+        started, owner = utcnow(), sources[0].source_id if len(sources) == 1 else ""  # a shared token: who?
         if not PAGE_SLOT.acquire(timeout=BUSY_WAIT_SECONDS):
             return 503, {"error": "busy: this worker is writing another page; push again"}
         try:
-            run = self._ingest_locked(body, ndjson, sources, started, remote_addr)
+            page = parse_push(body, ndjson, sources, started, self.config.push_max_age)
+            newest = {snap.source.source_id: snap.collected_at for snap in page.snapshots}  # time order: last wins
+            run = SourceRun(",".join(sorted(newest)))
+
+            def record_sources():  # in the page's transaction
+                for source_id, position in newest.items():
+                    run.watermark = write_sync_state(conn, source_id, position, started, "", started, commit=False)
+            try:
+                with self.db.connection() as conn:
+                    self.apply(conn, page, run, record_sources, BUSY_WAIT_SECONDS)
+            except Exception as exc:  # the pusher gets the reason; the next pull fills in
+                self._fail(run, exc, sorted(newest))
+            del page  # nothing parsed outlives the slot
+        except ExporterError as exc:
+            return self.reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc), remote_addr)
         finally:
             PAGE_SLOT.release()
-        if isinstance(run, tuple):  # refused
-            return run
         result = summarize("push", started, [run], self.sweep())
         with self._counts_lock:
-            for source_id in run.source_id.split(","):
+            for source_id in newest:
                 self._pushes[(source_id, "failed" if result["status"] == "error" else "applied")] += 1
                 if result["status"] != "error":  # this success is newer than any rejection still in memory
                     self._push_errors.pop(source_id, None)
         self._record(result, keep=False)
         return 503 if result["status"] == "error" else 200, result
 
-    def _ingest_locked(self, body: bytes, ndjson: bool, sources, started: datetime, remote_addr):
-        owner = sources[0].source_id if len(sources) == 1 else ""  # a shared token cannot tell who sent it
-        try:
-            page = parse_push(body, ndjson, sources, started, self.config.push_max_age)
-        except ExporterError as exc:
-            return self.reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc), remote_addr)
-        newest = {snap.source.source_id: snap.collected_at for snap in page.snapshots}  # in time order: the last wins
-        run = SourceRun(",".join(sorted(newest)))
-
-        def record_sources():
-            for source_id, position in newest.items():
-                run.watermark = write_sync_state(conn, source_id, position, started, "", started, commit=False)
-        try:
-            with self.db.connection() as conn:
-                self.apply(conn, page, run, record_sources, wait=BUSY_WAIT_SECONDS)
-        except Exception as exc:  # the pusher gets the reason; the next pull fills in
-            self._fail(run, exc, sorted(newest))
-        return run
-
     # -- the background thread ------------------------------------------------
 
     def start(self) -> None:
         """Start the collector thread (call after fork: threads do not survive it)."""
-        if self.config.collect_interval <= 0 or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._loop, name="billing-collector", daemon=True)
-        self._thread.start()
+        if self.config.collect_interval > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="billing-collector", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 20.0) -> None:
         self._stop.set()
@@ -2121,7 +2054,8 @@ class Collector:
 
 def announce(config: Config) -> None:
     """Start-up (gunicorn's arbiter): the effective configuration, one JSON line, and its likely mistakes."""
-    log_event(config.secrets, "config", **effective_config(config))
+    log_event(config.secrets, "config", **{f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
+                                           if f.name not in ("service_token", "tokens", "secrets", "warnings")})
     for warning in config.warnings:
         log_event(config.secrets, "config_warning", message=warning)
 
@@ -2130,14 +2064,15 @@ def check_database(config: Config) -> None:
     """Start-up: missing grants are a ConfigError, a price of zero a warning, a database that is down a log."""
     try:
         with Database(config.database_url).connection(pooled=False) as conn:
-            missing, (priced, profiles) = missing_grants(conn), priced_profiles(conn)
+            missing = missing_grants(conn)  # without them, reading the profiles could fail
+            priced, profiles = (1, 0) if missing else priced_profiles(conn)
     except psycopg2.Error as exc:
         return log_event(config.secrets, "database_unchecked", error=db_error_text(exc))
-    if missing:
-        raise ConfigError(f"DATABASE_URL: the database role lacks {'; '.join(missing)} (README: Grants)")
     if config.price_per_byte == 0 and not priced:
         log_event(config.secrets, "config_warning", message=f"PRICE_PER_BYTE is 0 and none of the {profiles} "
                   "billing profiles sets a price: every charge is 0")
+    if missing:
+        raise ConfigError(f"DATABASE_URL: the database role lacks {'; '.join(missing)} (README: Grants)")
 
 
 def create_app(environ=None) -> flask.Flask:
