@@ -6243,6 +6243,31 @@ def test_plain_env_file_and_unit_fit_together_and_the_example_token_is_refused()
     assert [s.source_id for s in config.sources] == ["jp-xhttp-contabo"] and config.listen_addr == "0.0.0.0:8081"
 
 
+# ---- the README's operator snippets and SQL, run as written -----------------------------
+
+def readme_example(name: str) -> str:
+    """The fenced block that follows ``<!-- example: NAME -->`` in README.md, as an operator copies it."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    marker = f"<!-- example: {name} -->\n```"
+    assert readme.count(marker) == 1, f"README.md has no single example {name!r}"
+    return readme.split(marker, 1)[1].split("\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_demo_account_command_survives_head_closing_the_pipe():
+    """``A=$(... --print-accounts | head -n 1)``: head exits after one line; the exporter script must
+    neither fail nor print a BrokenPipeError (it did with PYTHONUNBUFFERED=1, as often as not)."""
+    (line,) = [line for line in readme_example("push").splitlines() if line.startswith("A=$(")]
+    command = line[len("A=$("):-1]
+    assert command.endswith("--print-accounts | head -n 1"), command
+    for unbuffered in (True, False) * 6:
+        env = {"PATH": os.environ["PATH"], **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})}
+        done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert done.stdout == dx.demo_accounts(1)[0] + "\n"
+
+
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
 
 def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
