@@ -6268,6 +6268,214 @@ def test_the_readmes_demo_account_command_survives_head_closing_the_pipe():
         assert done.stdout == dx.demo_accounts(1)[0] + "\n"
 
 
+def sql_statements(block: str) -> list:
+    """The statements of a README SQL block, each without its final semicolon."""
+    return [part.strip() for part in re.split(r";[ \t]*(?:\n|$)", block) if part.strip()]
+
+
+class SharedDatabase:
+    """An ``account`` database as production has it: accounts' role owns the database, ``users`` and
+    ``account_billing_profiles``; PUBLIC has been refused everything it can be refused, so the billing
+    role (a role of its own) has only what the README grants it."""
+
+    def __init__(self, cluster, tag: str):
+        self.cluster, suffix = cluster, f"{os.getpid()}_{tag.replace('-', '_')}"
+        self.owner, self.role, self.name = f"accounts_{suffix}", f"billing_{suffix}", f"shared_{suffix}"
+        admin = cluster.admin()
+        with admin.cursor() as cur:
+            for role in (self.owner, self.role):
+                cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s", (DB_PASSWORD,))
+            cur.execute(f"CREATE DATABASE {self.name} OWNER {self.owner} TEMPLATE template0")
+            cur.execute(f"REVOKE ALL ON DATABASE {self.name} FROM PUBLIC")
+            cur.execute(f"GRANT CONNECT ON DATABASE {self.name} TO {self.owner}")
+        admin.close()
+        with psycopg2.connect(cluster.admin_dsn.rsplit("/", 1)[0] + "/" + self.name) as conn, conn.cursor() as cur:
+            cur.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        conn.close()
+        schema = open(os.path.join(ROOT, "schema.sql")).read()
+        profiles = re.search(r"CREATE TABLE IF NOT EXISTS public\.account_billing_profiles \(.*?\n\);", schema, re.S)
+        self.sql(self.owner, open(os.path.join(ROOT, "deploy", "users_stub.sql")).read() + profiles.group())
+
+    def url(self, role: str) -> str:
+        return f"postgresql://{role}:{DB_PASSWORD}@127.0.0.1:{self.cluster.port}/{self.name}"
+
+    def sql(self, role: str, text: str):
+        with psycopg2.connect(self.url(role)) as conn, conn.cursor() as cur:
+            cur.execute(text)
+            rows = cur.fetchall() if cur.description else None
+        conn.close()
+        return rows
+
+    def grants(self, example: str) -> str:
+        """The README's GRANT statements for this database and role."""
+        text = readme_example(example)
+        assert text.count("DATABASE account ") == 1 and text.count(" TO billing;") == len(sql_statements(text))
+        return text.replace("DATABASE account ", f"DATABASE {self.name} ").replace(" TO billing;", f" TO {self.role};")
+
+    def missing(self) -> list:
+        with psycopg2.connect(self.url(self.role)) as conn:
+            missing = billing.missing_grants(conn)
+        conn.close()
+        return missing
+
+    def drop(self) -> None:
+        admin = self.cluster.admin()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+            for role in (self.role, self.owner):
+                cur.execute(f"DROP ROLE IF EXISTS {role}")
+        admin.close()
+
+
+def granted_privileges(grants: str) -> dict:
+    """{object: {privilege}} of GRANT statements (objects without their schema)."""
+    out = {}
+    for statement in sql_statements(grants):
+        match = re.fullmatch(r"GRANT (.+?) ON (?:(DATABASE|SCHEMA|SEQUENCE) )?(.+?) TO \w+", " ".join(statement.split()))
+        assert match, statement
+        privileges, kind, objects = match.groups()
+        for name in objects.split(", "):
+            key = kind.lower() if kind in ("DATABASE", "SCHEMA") else name.split(".")[-1]
+            out.setdefault(key, set()).update(privileges.split(", "))
+    return out
+
+
+def bills_as(shared: SharedDatabase, exporters) -> None:
+    """A real collection, status, metrics and an account view as the billing role: the grants suffice."""
+    shared.sql(shared.owner, f"INSERT INTO users (uuid) VALUES ('{A}')")
+    server = exporters([snap(at(1, 5), (A, "x", 100, 0)), snap(at(2, 5), (A, "x", 250, 0))])
+    svc = Service({"DATABASE_URL": shared.url(shared.role), "INTERNAL_SERVICE_TOKEN": TOKEN, "COLLECT_INTERVAL": "0",
+                   "PRICE_PER_BYTE": "0.5", "EXPORTER_SOURCES_JSON": json.dumps([source("a", server)])})
+    shared.sql(shared.owner if shared.owns else shared.role,
+               f"INSERT INTO billing_source_sync_state (source_id, last_completed_until) VALUES ('a', '{rfc(at(0))}')")
+    status, result = svc.post()
+    assert (status, result["status"], result["written_minutes"]) == (200, "ok", 2), result
+    for path in ("/v1/status", "/metrics", f"/v1/accounts/{A}"):
+        response = svc.client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 200, (path, response.get_data(as_text=True))
+    assert shared.sql(shared.role, "SELECT sum(total_bytes) FROM traffic_minute_buckets") == [(250,)]
+    svc.close()
+
+
+def test_the_readmes_grants_are_what_the_service_needs_when_it_applies_schema_sql(cluster, exporters, tmp_path):
+    """The first way: the billing role, granted exactly the README's statements by the owner of users
+    and account_billing_profiles, applies schema.sql with the README's psql command and then lacks
+    nothing (app.missing_grants), bills, and each grant it was given and still needs is named once
+    revoked."""
+    if not shutil.which("psql"):
+        pytest.skip("psql is not installed")
+    shared = SharedDatabase(cluster, "grants")
+    shared.owns = False
+    try:
+        shared.sql(shared.owner, shared.grants("grants"))
+        (command,) = [line for line in readme_example("apply-schema").splitlines() if line.startswith("psql ")]
+        assert command.endswith(" 'postgresql://billing@db.example:5432/account'")
+        command = command.replace("'postgresql://billing@db.example:5432/account'", shlex.quote(shared.url(shared.role)))
+        done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        assert shared.missing() == []
+        bills_as(shared, exporters)
+        for revoke, named in (("SELECT ON public.account_billing_profiles", "account_billing_profiles: SELECT"),
+                              ("SELECT ON public.users", "users: SELECT"),
+                              (f"TEMPORARY ON DATABASE {shared.name}", "database: TEMPORARY")):
+            shared.sql(shared.owner, f"REVOKE {revoke} FROM {shared.role}")
+            assert shared.missing() == [named]
+            shared.sql(shared.owner, f"GRANT {revoke} TO {shared.role}")
+        assert shared.missing() == []
+    finally:
+        shared.drop()
+
+
+def test_the_readmes_grants_when_the_owner_applies_schema_sql_are_exactly_required_grants(cluster, exporters):
+    """The second way: the owner applies schema.sql and grants the README's list. It is REQUIRED_GRANTS
+    (plus what connecting needs), the billing role lacks nothing and bills, and revoking any one
+    privilege makes app.missing_grants name exactly that one."""
+    shared = SharedDatabase(cluster, "grants_owner")
+    shared.owns = True
+    try:
+        shared.sql(shared.owner, open(os.path.join(ROOT, "schema.sql")).read())
+        grants = shared.grants("grants-owner")
+        privileges = granted_privileges(grants)
+        tables = {table: set(wanted.split(", ")) for table, wanted in billing.REQUIRED_GRANTS.items()}
+        assert privileges == {**tables, "database": {"CONNECT", "TEMPORARY"}, "schema": {"USAGE"},
+                              "billing_job_runs_id_seq": {"USAGE"}}
+        shared.sql(shared.owner, grants)
+        assert shared.missing() == []
+        bills_as(shared, exporters)
+        named = []
+        for table, wanted in sorted(tables.items()):
+            for privilege in sorted(wanted):
+                shared.sql(shared.owner, f"REVOKE {privilege} ON public.{table} FROM {shared.role}")
+                named.append((f"{table}: {privilege}", shared.missing()))
+                shared.sql(shared.owner, f"GRANT {privilege} ON public.{table} TO {shared.role}")
+        for revoke, what in ((f"TEMPORARY ON DATABASE {shared.name}", "database: TEMPORARY"),
+                             ("USAGE ON SEQUENCE public.billing_job_runs_id_seq", "billing_job_runs_id_seq: USAGE")):
+            shared.sql(shared.owner, f"REVOKE {revoke} FROM {shared.role}")
+            named.append((what, shared.missing()))
+            shared.sql(shared.owner, f"GRANT {revoke} TO {shared.role}")
+        assert [(what, [what]) for what, _ in named] == named
+        assert len(named) == sum(map(len, tables.values())) + 2 and shared.missing() == []
+    finally:
+        shared.drop()
+
+
+def test_gunicorn_checks_the_grants_and_logs_the_configuration_once_at_start_up(cluster, tmp_path):
+    """README (Configuration, Grants): before any worker starts, gunicorn's arbiter logs the effective
+    configuration once (secrets redacted) and its warnings, and checks the role's grants: one missing
+    stops the launcher with one line and exit status 2; a database that is down is only logged."""
+    shared = SharedDatabase(cluster, "startup")
+    try:
+        shared.sql(shared.owner, open(os.path.join(ROOT, "schema.sql")).read())
+        shared.sql(shared.owner, shared.grants("grants-owner"))
+        shared.sql(shared.owner, f"REVOKE INSERT ON public.billing_ledger FROM {shared.role}")
+        env = {"PATH": os.environ["PATH"], "DATABASE_URL": shared.url(shared.role), "INTERNAL_SERVICE_TOKEN": TOKEN,
+               "EXPORTER_SOURCES_JSON": json.dumps([{"source_id": "a", "base_url": "http://127.0.0.1:9"}]),
+               "COLLECT_INTERVAL": "0", "LISTEN_ADDR": f"127.0.0.1:{free_port()}", "PRICE_PER_BYT": "1"}
+        log = tmp_path / "launcher.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "gunicorn.conf.py"], cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: proc.poll() is not None or "Booting worker" in log.read_text(), timeout=60,
+                     what="the launcher to exit or a worker to boot")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        lines = log.read_text().splitlines()
+        assert (proc.returncode, lines[-1:]) == (2, [
+            "billing-service: configuration error: DATABASE_URL: the database role lacks billing_ledger: INSERT "
+            "(README: Grants)"]), "\n".join(lines[-20:])
+        assert "Traceback" not in log.read_text() and DB_PASSWORD not in log.read_text()
+
+        shared.sql(shared.owner, f"GRANT INSERT ON public.billing_ledger TO {shared.role}")
+        for database_up in (True, False):
+            if not database_up:
+                env["DATABASE_URL"] = f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/account"
+            g = Gunicorn({k: v for k, v in env.items() if k != "LISTEN_ADDR"}, workers=2, split_streams=True)
+            try:
+                g.start()
+                booted(g, 2)
+                stop_cleanly(g)
+            finally:
+                g.stop()
+            logged = our_log_lines(g.stderr())
+            g.remove_logs()
+            (config,) = [e for e in logged if e["event"] == "config"]
+            assert config["database_url"] == env["DATABASE_URL"].replace(DB_PASSWORD, "***")
+            assert config["price_per_byte"] == "0" and config["push_max_age"] == 86400.0
+            assert TOKEN not in json.dumps(logged) and DB_PASSWORD not in json.dumps(logged)
+            warnings = sorted(e["message"] for e in logged if e["event"] == "config_warning")
+            typo = "PRICE_PER_BYT is not a billing-service variable: did you mean PRICE_PER_BYTE? (it is ignored)"
+            zero = "PRICE_PER_BYTE is 0 and none of the 0 billing profiles sets a price: every charge is 0"
+            assert warnings == sorted([typo, zero] if database_up else [typo]), warnings
+            unchecked = [e for e in logged if e["event"] == "database_unchecked"]
+            assert len(unchecked) == (0 if database_up else 1), unchecked
+    finally:
+        shared.drop()
+
+
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
 
 def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
