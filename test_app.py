@@ -6476,6 +6476,76 @@ def test_gunicorn_checks_the_grants_and_logs_the_configuration_once_at_start_up(
         shared.drop()
 
 
+def readme_json_after(name: str):
+    """The JSON block that follows the README's example NAME (its sample output)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    after = readme.split(f"<!-- example: {name} -->\n```", 1)[1].split("\n```\n", 1)[1]
+    assert after.lstrip().startswith("```json\n"), after[:200]
+    return json.loads(after.split("```json\n", 1)[1].split("```", 1)[0])
+
+
+def same_shape(example, answer, where="") -> None:
+    """The same keys in the same order, and the same kinds of values (a time may be null)."""
+    if isinstance(example, dict):
+        assert isinstance(answer, dict) and list(answer) == list(example), (where, list(answer), list(example))
+        for key in example:
+            same_shape(example[key], answer[key], f"{where}.{key}")
+    elif isinstance(example, list):
+        assert isinstance(answer, list) and answer, where
+        for item in answer:
+            same_shape(example[0], item, f"{where}[]")
+    elif example is None or isinstance(example, str):
+        assert answer is None or isinstance(answer, str), (where, answer)
+    else:
+        assert type(answer) is type(example), (where, answer, example)
+
+
+def test_the_readmes_account_view_is_what_the_endpoint_answers(db, exporters, service):
+    """GET /v1/accounts/<uuid> answers the README example's shape; its numbers are the account's rows
+    (bytes per day and line, ledger money as exact decimal text, the quota row), and the README's
+    400/404 answers are the endpoint's."""
+    db.add_users(A, B)
+    server, svc = one_source(db, exporters, service, [
+        snap(at(1, 5), (A, "x", 100, 10), (A, "", 7, 0)), snap(at(1, 35), (A, "x", 160, 10), (A, "", 9, 1)),
+        snap(at(2, 5), (A, "x", 400, 30), (A, "", 9, 1))], PRICE_PER_BYTE="0.000001", INITIAL_BALANCE="10",
+        INITIAL_INCLUDED_QUOTA_BYTES="50")
+    assert svc.post()[1]["status"] == "ok"
+    day = datetime.combine(at(1).date(), datetime.min.time(), UTC)
+    query = f"?since={rfc(day)}&until={rfc(day + timedelta(days=1))}"
+    status, view = svc.get(f"/v1/accounts/{A}{query}", token=TOKEN)
+    assert status == 200, view
+    same_shape(readme_json_after("account"), view)
+    assert view["bytes"] == [
+        {"day": day.date().isoformat(), "region": "", "line_code": "", "uplink_bytes": 9, "downlink_bytes": 1,
+         "bytes": 10, "minutes": 1},
+        {"day": day.date().isoformat(), "region": "", "line_code": "x", "uplink_bytes": 400, "downlink_bytes": 30,
+         "bytes": 430, "minutes": 2}]
+    # 440 bytes, the first 50 included: 390 at one millionth, in 5 ledger rows (one per increment)
+    assert view["money"] == [{"day": day.date().isoformat(), "rated_bytes": 390, "amount": "-0.00039",
+                              "ledger_rows": 5}]
+    assert view["state"] == {"balance": "9.99961", "remaining_included_quota_bytes": 0, "arrears": False,
+                             "arrears_since": None, "throttle_state": "normal", "suspend_state": "active",
+                             "suspended_by_billing": False, "last_rated_minute": rfc(at(2))}
+    if at(1).date() == datetime.now(UTC).date():  # the default range is today (UTC)
+        assert svc.get(f"/v1/accounts/{A}", token=TOKEN) == (200, view)
+    assert svc.get(f"/v1/accounts/{B}{query}", token=TOKEN) == (200, {
+        "account": B, "since": rfc(day), "until": rfc(day + timedelta(days=1)), "state": None, "bytes": [],
+        "money": []})
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        api = handle.read().split("## API\n", 1)[1].split("\n## ", 1)[0]
+    for path, answer in ((f"/v1/accounts/not-a-uuid{query}", (400, "not an account UUID")),
+                         (f"/v1/accounts/{uuid.uuid4()}{query}", (404, "no such account (no users row)")),
+                         (f"/v1/accounts/{A}?since={rfc(day)}&until={rfc(day + timedelta(days=32))}",
+                          (400, "the range is longer than 31 days")),
+                         (f"/v1/accounts/{A}?since={rfc(day)}&until={rfc(day)}", (400, "since must be before until")),
+                         (f"/v1/accounts/{A}?since=yesterday", (400, "since and until must be RFC3339 times"))):
+        status, body = svc.get(path, token=TOKEN)
+        assert (status, body) == (answer[0], {"error": answer[1]}), path
+        assert f"`{answer[1]}`" in api.replace("\n", " ")
+    assert svc.get(f"/v1/accounts/{A}{query}")[0] == 401
+
+
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
 
 def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
