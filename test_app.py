@@ -6249,9 +6249,10 @@ def readme_example(name: str) -> str:
     """The fenced block that follows ``<!-- example: NAME -->`` in README.md, as an operator copies it."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         readme = handle.read()
-    marker = f"<!-- example: {name} -->\n```"
-    assert readme.count(marker) == 1, f"README.md has no single example {name!r}"
-    return readme.split(marker, 1)[1].split("\n", 1)[1].split("```", 1)[0]
+    found = re.findall(rf"(?m)^([ \t]*)<!-- example: {re.escape(name)} -->\n\1```\w*\n(.*?)^\1```$", readme, re.S)
+    assert len(found) == 1, f"README.md has no single example {name!r}"
+    indent, block = found[0]
+    return "".join(line[len(indent):] if line.startswith(indent) else line for line in block.splitlines(True))
 
 
 def test_the_readmes_demo_account_command_survives_head_closing_the_pipe():
@@ -6544,6 +6545,154 @@ def test_the_readmes_account_view_is_what_the_endpoint_answers(db, exporters, se
         assert (status, body) == (answer[0], {"error": answer[1]}), path
         assert f"`{answer[1]}`" in api.replace("\n", " ")
     assert svc.get(f"/v1/accounts/{A}{query}")[0] == 401
+
+
+def takeover_stream(count: int):
+    """The scenario of test_takeover_from_the_original_service_bills_every_byte_after_it_exactly_once,
+    longer: a tagged account, an untagged one and one with two inbounds, a snapshot every 20 s."""
+    tagged, untagged, two = account(41), account(42), account(43)
+    return (tagged, untagged, two), [
+        (at(1, 20 * i), [(tagged, "xhttp", 100 * (i + 1), 10 * (i + 1)), (untagged, "", 50 * (i + 1), 5 * (i + 1)),
+                         (two, "xhttp", 1000 * (i + 1), 0), (two, "tcp", 300 * (i + 1), 30 * (i + 1))])
+        for i in range(count)]
+
+
+def test_the_readmes_takeover_verification_reports_the_truth_per_account(db, exporters, service):
+    """The README's verification SQL, run as written: over the original service's rows (the takeover
+    test's scenario) it shows billed_since = counter_growth for the one-series accounts and leaves the
+    two-inbound account's growth empty (it is billed one interval per inbound short); run again over the
+    rows this service has written (tagged series keys), it shows billed_since = counter_growth for every
+    account; the money query explains every balance."""
+    (tagged, untagged, two), snapshots = takeover_stream(24)
+    db.add_users(tagged, untagged, two)
+    price = 0.5
+    original_service_state(db, snapshots[:16], at(3, 20), price, 100000.0)  # its last sample: the 8th
+    db.q(readme_example("takeover-before"))
+    take_over(db)
+    server = exporters([snap(t, *samples) for t, samples in snapshots[:16]])
+    svc = service(db, [source("a", server)], PRICE_PER_BYTE=str(price))
+    assert svc.post()[1]["status"] == "ok"
+    node = f"{ENV}:{NODE}"
+
+    def report():
+        rows = db.q(readme_example("takeover-after"))
+        assert {row[0] for row in rows} == {node}
+        return {row[1]: tuple(None if value is None else int(value) for value in row[2:]) for row in rows}
+
+    def money(billed):
+        rows = {row[0]: row for row in db.q(readme_example("takeover-money"))}
+        assert {a: (float(r[2]), r[3] > 0, r[5]) for a, r in rows.items()} == {
+            a: (-price * billed[a], True, 0) for a in billed}
+
+    # (series before, series now, billed_since, counter_growth): 8 snapshots after the original's last
+    assert report() == {tagged: (1, 1, 8 * 110, 8 * 110), untagged: (1, 1, 8 * 55, 8 * 55),
+                        two: (1, 2, 8 * 1330 - 1330, None)}
+    money({tagged: 8 * 110, untagged: 8 * 55, two: 7 * 1330})
+
+    # Again, on the database this service has written: tagged keys are counted under their storage node.
+    db.q("DROP TABLE takeover_before, takeover_balances")
+    db.q(readme_example("takeover-before"))
+    server.add(*[snap(t, *samples) for t, samples in snapshots[16:]])
+    assert svc.post()[1]["status"] == "ok"
+    assert report() == {tagged: (1, 1, 8 * 110, 8 * 110), untagged: (1, 1, 8 * 55, 8 * 55),
+                        two: (2, 2, 8 * 1330, 8 * 1330)}
+    money({tagged: 8 * 110, untagged: 8 * 55, two: 8 * 1330})
+
+
+def the_original_runs_again(db: Db, snapshots, price: float) -> None:
+    """The original Go service started again over this service's rows, as original_service_state
+    models it: one plain-key checkpoint per (env:node, account), whichever inbound it saw last; without
+    one, an account is new and its whole counter is billed; otherwise each direction's growth, never
+    below zero. Tagged keys are not its own, so it never reads them. Buckets add up, one uuid5 ledger
+    row per (minute, account, line), balances move, the watermark follows."""
+    node = f"{ENV}:{NODE}"
+    rows = {row[1]: row[2:4] for row in db.checkpoints() if row[0] == node}
+    billed = collections.Counter()
+    for stamp, samples in snapshots:
+        for account_id, tag, up, down in samples:
+            previous = rows.get(account_id)
+            step = up + down if previous is None else max(0, up - previous[0]) + max(0, down - previous[1])
+            rows[account_id] = (up, down)
+            db.q("""INSERT INTO traffic_stat_checkpoints (node_id, account_uuid, last_uplink_total, last_downlink_total,
+                    last_seen_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (node_id, account_uuid) DO UPDATE
+                    SET last_uplink_total = EXCLUDED.last_uplink_total,
+                        last_downlink_total = EXCLUDED.last_downlink_total, last_seen_at = EXCLUDED.last_seen_at""",
+                 (node, account_id, up, down, stamp))
+            billed[(billing.minute_floor(stamp), account_id, tag)] += step
+    for (minute, account_id, tag), total in billed.items():
+        if not total:
+            continue
+        db.q("""INSERT INTO traffic_minute_buckets AS t (bucket_start, node_id, account_uuid, region, line_code,
+                uplink_bytes, downlink_bytes, total_bytes, rating_status, source_revision)
+                VALUES (%s, %s, %s, '', %s, %s, 0, %s, 'rated', 'billing-service-go')
+                ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE
+                SET uplink_bytes = t.uplink_bytes + EXCLUDED.uplink_bytes, total_bytes = t.total_bytes + EXCLUDED.total_bytes""",
+             (minute, node, account_id, tag, total, total))
+        (balance,) = db.one("""UPDATE account_quota_states SET current_balance = current_balance - %s
+                               WHERE account_uuid = %s RETURNING current_balance""", (price * total, account_id))
+        db.q("""INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
+                amount_delta, balance_after, pricing_rule_version) VALUES (%s, %s, %s, %s, 'traffic_charge', %s, %s,
+                %s, 'billing-service-go')""",
+             (str(uuid.uuid5(uuid.NAMESPACE_OID, f"{rfc(minute)}|{node}|{account_id}||{tag}")), account_id, minute,
+              minute + MINUTE, total, -price * total, balance))
+    db.set_watermark("a", snapshots[-1][0])
+
+
+def test_going_back_to_the_original_and_returning_as_the_readme_says_bills_each_byte_once(db, exporters, service):
+    """This service bills a node, makes way for the original (the README's rollback statement first),
+    then comes back (the README's return and inherit statements). A one-inbound tagged account, an
+    untagged one and a tagged one the original never saw are billed exactly their counters over the
+    whole time, whoever billed which part; the two-inbound account (the original's one row cannot
+    follow it) is never billed more than its growth after the return; no ledger id collides and every
+    balance is its ledger."""
+    (tagged, untagged, two), stream = takeover_stream(30)
+    idle = account(44)
+    # The idle account is away while the original runs; the two-inbound account's tcp misses the first
+    # snapshot after the return (its stale checkpoint of this service must not bill the original's time).
+    snapshots = [(t, [s for s in samples if i != 20 or s[:2] != (two, "tcp")] +
+                  ([(idle, "xhttp", 70 * (i + 1), 7 * (i + 1))] if not 10 <= i < 20 else []))
+                 for i, (t, samples) in enumerate(stream)]
+    db.add_users(tagged, untagged, two, idle)
+    price = 0.5
+    server = exporters([snap(t, *samples) for t, samples in snapshots[:10]])
+    db.set_watermark("a", at(0))
+    svc = service(db, [source("a", server)], PRICE_PER_BYTE=str(price))
+    assert svc.post()[1]["status"] == "ok"
+    svc.close()
+
+    db.q(readme_example("rollback"))  # this service stopped; before the original starts
+    the_original_runs_again(db, snapshots[10:20], price)
+
+    db.q(readme_example("return"))  # the original stopped
+    db.q(readme_example("inherit"))
+    server.add(*[snap(t, *samples) for t, samples in snapshots[10:]])
+    svc = service(db, [source("a", server)], PRICE_PER_BYTE=str(price))
+    status, result = svc.post()
+    assert (status, result["status"], result["already_billed"]) == (200, "ok", 0), result
+    assert db.watermark("a") == snapshots[-1][0]
+
+    billed = collections.Counter()
+    ours_after = collections.Counter()
+    for bucket in db.buckets():
+        billed[bucket[2]] += bucket[7]
+    for row in db.q("""SELECT account_uuid::text, sum(total_bytes) FROM traffic_minute_buckets
+                       WHERE bucket_start >= %s AND source_revision <> 'billing-service-go' GROUP BY 1""",
+                    (billing.minute_floor(snapshots[20][0]) + MINUTE,)):
+        ours_after[row[0]] = row[1]
+    last = {(a, tag): up + down for a, tag, up, down in snapshots[-1][1]}
+    assert billed[tagged] == last[tagged, "xhttp"]  # 110 a snapshot, from zero, once
+    assert billed[untagged] == last[untagged, ""]
+    assert billed[idle] == last[idle, "xhttp"]
+    first = {(a, tag): up + down for i in (21, 20) for a, tag, up, down in snapshots[i][1]}
+    # each inbound's first sample after the return is a baseline (below the original's row; beside the
+    # account's other series), then exact
+    assert ours_after[two] == last[two, "xhttp"] - first[two, "xhttp"] + last[two, "tcp"] - first[two, "tcp"]
+    assert db.q("SELECT count(*) FROM billing_inherited_checkpoints") == [(0,)]
+    ids = [row[0] for row in db.ledger()]
+    assert len(ids) == len(set(ids))
+    balances = db.q("""SELECT q.account_uuid::text, q.current_balance::numeric, sum(l.amount_delta::numeric)
+                       FROM account_quota_states q JOIN billing_ledger l USING (account_uuid) GROUP BY 1, 2""")
+    assert len(balances) == 4 and all(balance == ledger for _, balance, ledger in balances), balances
 
 
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
