@@ -6695,6 +6695,199 @@ def test_going_back_to_the_original_and_returning_as_the_readme_says_bills_each_
     assert len(balances) == 4 and all(balance == ledger for _, balance, ledger in balances), balances
 
 
+def readme_queries(name: str, url: str, **variables) -> list:
+    """Each query of the README's SQL example NAME, run through psql as an operator pastes it (its
+    set lines first, with ``variables`` instead of the README's values): the rows of each, as text."""
+    import csv
+    import io
+    if not shutil.which("psql"):
+        pytest.skip("psql is not installed")
+    block = readme_example(name)
+    settings_ = [line for line in block.splitlines() if line.startswith("\\set ")]
+    for key, value in variables.items():
+        (line,) = [line for line in settings_ if line.split()[1] == key]
+        settings_[settings_.index(line)] = f"\\set {key} {value}"
+    body = "\n".join(line for line in block.splitlines() if not line.startswith("\\set "))
+    results = []
+    for statement in sql_statements(body):
+        done = subprocess.run(["psql", "-X", "-q", "--csv", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", "-"],
+                              input="\n".join(settings_ + [statement + ";"]), capture_output=True, text=True,
+                              timeout=120, env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        results.append(list(csv.reader(io.StringIO(done.stdout)))[1:])
+    return results
+
+
+def months_stream():
+    """Three accounts over ten minutes, a snapshot every 30 s: A heavy on two inbounds, B light, C once."""
+    return [snap(at(1, 30 * i), (A, "x", 1000 * (i + 1), 100 * (i + 1)), (A, "", 10 * (i + 1), 0),
+                 (B, "x", 7 * (i + 1), 0), *([(C, "y", 5000, 5)] if i == 3 else [])) for i in range(20)]
+
+
+def test_the_readmes_queries_for_months_answer_from_the_rows(db, exporters, service):
+    """Running it for months: one account's minutes and ledger rows today, the top accounts this month by
+    bytes and by money, and the balance check (quiet while every balance is INITIAL_BALANCE plus its
+    ledger; naming a topped-up account with its starting balance), run through psql as written."""
+    db.add_users(A, B, C)
+    _, svc = one_source(db, exporters, service, months_stream(), PRICE_PER_BYTE="0.000001", INITIAL_BALANCE="10")
+    assert svc.post()[1]["status"] == "ok"
+    now = datetime.now(UTC)
+    today = datetime.combine(now.date(), datetime.min.time(), UTC)
+    month = today.replace(day=1)
+    minutes, ledger = readme_queries("months-account", db.url, account=f"'{A}'")
+    assert [(billing.parse_time(r[0].replace(" ", "T").replace("+00", "Z")), r[1], r[2], int(r[5])) for r in minutes] == [
+        (b[0], b[1], b[4], b[7]) for b in db.buckets() if b[2] == A and b[0] >= today]
+    assert [r[5] for r in ledger] == [r[0] for r in db.q(
+        "SELECT id::text FROM billing_ledger WHERE account_uuid = %s AND bucket_start >= %s ORDER BY created_at, id",
+        (A, today))]
+    assert sum(Decimal(r[2]) for r in ledger) == sum(
+        (billing.as_decimal(r[6]) for r in db.ledger() if r[1] == A and r[2] >= today), Decimal(0))
+    by_bytes, by_money = readme_queries("months-top", db.url)
+    expected = collections.Counter()
+    for b in db.buckets():
+        if b[0] >= month:
+            expected[b[2]] += b[7]
+    assert [(r[0], int(r[1])) for r in by_bytes] == sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert [r[0] for r in by_money] == [a for a, _ in sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))]
+    assert readme_queries("months-balance", db.url, initial_balance="10") == [[]]
+    assert readme_queries("months-balance", db.url, initial_balance="0")[0] != []  # the check can fail
+    db.q("UPDATE account_quota_states SET current_balance = current_balance + 5 WHERE account_uuid = %s", (B,))
+    ((row,),) = readme_queries("months-balance", db.url, initial_balance="10")
+    assert (row[0], Decimal(row[3])) == (B, Decimal(15))
+
+
+def test_the_readmes_backup_restores_facts_that_agree_and_billing_continues(cluster, exporters, tmp_path):
+    """The README's pg_dump of the billing tables, restored with its pg_restore into an empty copy of
+    the schema: the same facts, and the next run bills on both databases exactly alike."""
+    if not (shutil.which("pg_dump") and shutil.which("pg_restore")):
+        pytest.skip("pg_dump and pg_restore are not installed")
+    source_db, restored = Db(cluster.new_database()), Db(cluster.new_database())
+    try:
+        stream = months_stream()
+        for database in (source_db, restored):
+            database.add_users(A, B, C)
+        server = exporters(stream[:12])
+        source_db.set_watermark("a", at(0))
+        env = dict(PRICE_PER_BYTE="0.000001", INITIAL_BALANCE="10")
+        assert Service(service_env(source_db, [source("a", server)], **env)).post()[1]["status"] == "ok"
+        url = "'postgresql://billing@db.example:5432/account'"
+        dump = readme_example("backup")
+        assert dump.count(url) == 1
+        done = subprocess.run(["bash", "-c", dump.replace(url, shlex.quote(source_db.url))], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        (dumped,) = [name for name in os.listdir(tmp_path) if name.endswith(".dump")]
+        restore = readme_example("restore")
+        assert restore.count(url.replace("'", "")) == 1 and restore.count("billing-20261201T000000Z.dump") == 1
+        command = restore.replace(url.replace("'", ""), restored.url).replace("billing-20261201T000000Z.dump", dumped)
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        assert restored.facts() == source_db.facts() and restored.facts()["ledger"]
+        assert restored.q("SELECT * FROM billing_node_marks") == source_db.q("SELECT * FROM billing_node_marks")
+        server.add(*stream[12:])
+        for database in (source_db, restored):
+            result = Service(service_env(database, [source("a", server)], **env)).post()[1]
+            assert (result["status"], result["already_billed"]) == ("ok", 0), result
+        assert restored.facts(with_balance=True) == source_db.facts(with_balance=True)
+    finally:
+        for database in (source_db, restored):
+            database.close()
+            cluster.drop_database(database.url)
+
+
+def test_deleting_old_buckets_as_the_readme_says_keeps_billing_and_replays_intact(cluster, exporters):
+    """Two databases bill the same snapshots; on one, the README's batch deletion removes the buckets
+    before minute 6 half-way. Then both bill the rest, a reconcile of the whole range and a rewound
+    watermark replay everything: the deleted minutes stay deleted (billing never reads a bucket back),
+    and every other fact (ledger, balances, checkpoints, the remaining buckets) is the same as on the
+    untouched database. The remaining window keeps I2, its bytes are its counters' growth, and the
+    ledger still adds up to every balance (I3)."""
+    kept, pruned = Db(cluster.new_database()), Db(cluster.new_database())
+    try:
+        stream = months_stream()
+        server = exporters(stream[:12])
+        cutoff = at(6)
+        block = readme_example("delete-buckets")
+        age = "date_trunc('day', now(), 'UTC') - interval '90 days'"
+        assert block.count(age) == 1
+        for database in (kept, pruned):
+            database.add_users(A, B, C)
+            database.set_watermark("a", at(0))
+            svc = Service(service_env(database, [source("a", server)], PRICE_PER_BYTE="0.000001"))
+            assert svc.post()[1]["status"] == "ok"
+        assert pruned.q("SELECT count(*) FROM traffic_minute_buckets WHERE bucket_start < %s", (cutoff,))[0][0] > 0
+        pruned.q(block.replace(age, f"'{rfc(cutoff)}'::timestamptz"))  # autocommit: the DO block commits
+        assert pruned.q("SELECT count(*) FROM traffic_minute_buckets WHERE bucket_start < %s", (cutoff,)) == [(0,)]
+        server.add(*stream[12:])
+        for database in (kept, pruned):
+            svc = Service(service_env(database, [source("a", server)], PRICE_PER_BYTE="0.000001"))
+            assert svc.post()[1]["status"] == "ok"
+            before = row_versions(database)
+            status, again = svc.post("reconcile", {"source_id": "a", "since": rfc(at(0)), "until": rfc(at(12))})
+            assert (status, again["written_minutes"], again["already_billed"]) == (200, 0, 0), again
+            database.set_watermark("a", at(0))
+            assert svc.post()[1]["written_minutes"] == 0
+            assert row_versions(database) == before
+        kept_facts, pruned_facts = kept.facts(), pruned.facts()
+        assert pruned_facts["buckets"] == [b for b in kept_facts["buckets"] if b[0] >= cutoff]
+        assert {k: v for k, v in pruned_facts.items() if k != "buckets"} == \
+            {k: v for k, v in kept_facts.items() if k != "buckets"}
+        # The remaining window: I2, and each series' bytes are its counter's growth over the window.
+        growth, last = collections.Counter(), {}
+        for snapshot in stream:
+            stamp = billing.parse_time(snapshot["collected_at"])
+            for sample in snapshot["samples"]:
+                key = (sample["uuid"], sample["inbound_tag"])
+                total = sample["uplink_bytes_total"] + sample["downlink_bytes_total"]
+                if stamp >= cutoff:
+                    growth[key] += total - last.get(key, 0)
+                last[key] = total
+        window = collections.Counter()
+        for b in pruned_facts["buckets"]:
+            assert b[7] == b[5] + b[6]
+            window[(b[2], b[4])] += b[7]
+        assert window == +growth
+        for account_id, balance, ledger_sum in pruned.q("""
+                SELECT q.account_uuid::text, q.current_balance::numeric, sum(l.amount_delta::numeric)
+                FROM account_quota_states q JOIN billing_ledger l USING (account_uuid) GROUP BY 1, 2"""):
+            assert balance == ledger_sum, account_id
+    finally:
+        for database in (kept, pruned):
+            database.close()
+            cluster.drop_database(database.url)
+
+
+def test_upgrading_from_an_earlier_release_as_the_readme_says_keeps_its_series_and_suspensions(
+        db, exporters, service):
+    """A database an earlier release billed: A has an untagged and a tagged series on the node, and an
+    account it suspended. Applying this release's schema.sql records the plain rows as the original's;
+    the README's DELETE makes them this service's own again, so the tagged series continues from its
+    own checkpoint (without it, it would be decided like a takeover: a baseline here). The README's
+    UPDATE hands the old suspension to billing, and the next sweep lifts it."""
+    db.add_users(A, B)
+    node = f"{ENV}:{NODE}"
+    db.set_checkpoint(node, A, 5000, 500, at(1, 5))
+    db.set_checkpoint(f"{node}#x", A, 100, 10, at(1, 5))
+    db.q("""INSERT INTO account_quota_states (account_uuid, current_balance, arrears, suspend_state)
+            VALUES (%s, 3, false, 'suspended')""", (B,))
+    take_over(db)  # this release's schema.sql, creating billing_inherited_checkpoints
+    assert db.q("SELECT node_id, account_uuid::text FROM billing_inherited_checkpoints") == [(node, A)]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        upgrading = handle.read().split("### Upgrading without Ansible\n", 1)[1].split("\n### ", 1)[0]
+    statements = re.findall(r"`((?:DELETE FROM billing_inherited_checkpoints|UPDATE account_quota_states)[^`]*;)`",
+                            upgrading)
+    assert len(statements) == 2, statements
+    for statement in statements:
+        db.q(statement)
+    _, svc = one_source(db, exporters, service, [snap(at(2, 5), (A, "x", 400, 30))], watermark_minute=1)
+    result = svc.post()[1]
+    assert (result["status"], result["baselined"], result["lifted"]) == ("ok", 0, 1), result
+    assert [(b[4], b[7]) for b in db.buckets()] == [("x", 320)]
+    assert db.q("SELECT suspend_state, suspended_by_billing FROM account_quota_states WHERE account_uuid = %s",
+                (B,)) == [("active", False)]
+
+
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
 
 def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():
