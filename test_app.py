@@ -6356,6 +6356,651 @@ def test_plain_env_file_and_unit_fit_together_and_the_example_token_is_refused()
     assert [s.source_id for s in config.sources] == ["jp-xhttp-contabo"] and config.listen_addr == "0.0.0.0:8081"
 
 
+# ---- the README's operator snippets and SQL, run as written -----------------------------
+
+def readme_example(name: str) -> str:
+    """The fenced block that follows ``<!-- example: NAME -->`` in README.md, as an operator copies it."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    found = re.findall(rf"(?m)^([ \t]*)<!-- example: {re.escape(name)} -->\n\1```\w*\n(.*?)^\1```$", readme, re.S)
+    assert len(found) == 1, f"README.md has no single example {name!r}"
+    indent, block = found[0]
+    return "".join(line[len(indent):] if line.startswith(indent) else line for line in block.splitlines(True))
+
+
+def test_the_readmes_demo_account_command_survives_head_closing_the_pipe():
+    """``A=$(... --print-accounts | head -n 1)``: head exits after one line; the exporter script must
+    neither fail nor print a BrokenPipeError (it did with PYTHONUNBUFFERED=1, as often as not)."""
+    (line,) = [line for line in readme_example("push").splitlines() if line.startswith("A=$(")]
+    command = line[len("A=$("):-1]
+    assert command.endswith("--print-accounts | head -n 1"), command
+    for unbuffered in (True, False) * 6:
+        env = {"PATH": os.environ["PATH"], **({"PYTHONUNBUFFERED": "1"} if unbuffered else {})}
+        done = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert done.stdout == dx.demo_accounts(1)[0] + "\n"
+
+
+def sql_statements(block: str) -> list:
+    """The statements of a README SQL block, each without its final semicolon."""
+    return [part.strip() for part in re.split(r";[ \t]*(?:\n|$)", block) if part.strip()]
+
+
+class SharedDatabase:
+    """An ``account`` database as production has it: accounts' role owns the database, ``users`` and
+    ``account_billing_profiles``; PUBLIC has been refused everything it can be refused, so the billing
+    role (a role of its own) has only what the README grants it."""
+
+    def __init__(self, cluster, tag: str):
+        self.cluster, suffix = cluster, f"{os.getpid()}_{tag.replace('-', '_')}"
+        self.owner, self.role, self.name = f"accounts_{suffix}", f"billing_{suffix}", f"shared_{suffix}"
+        admin = cluster.admin()
+        with admin.cursor() as cur:
+            for role in (self.owner, self.role):
+                cur.execute(f"CREATE ROLE {role} LOGIN PASSWORD %s", (DB_PASSWORD,))
+            cur.execute(f"CREATE DATABASE {self.name} OWNER {self.owner} TEMPLATE template0")
+            cur.execute(f"REVOKE ALL ON DATABASE {self.name} FROM PUBLIC")
+            cur.execute(f"GRANT CONNECT ON DATABASE {self.name} TO {self.owner}")
+        admin.close()
+        with psycopg2.connect(cluster.admin_dsn.rsplit("/", 1)[0] + "/" + self.name) as conn, conn.cursor() as cur:
+            cur.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        conn.close()
+        schema = open(os.path.join(ROOT, "schema.sql")).read()
+        profiles = re.search(r"CREATE TABLE IF NOT EXISTS public\.account_billing_profiles \(.*?\n\);", schema, re.S)
+        self.sql(self.owner, open(os.path.join(ROOT, "deploy", "users_stub.sql")).read() + profiles.group())
+
+    def url(self, role: str) -> str:
+        return f"postgresql://{role}:{DB_PASSWORD}@127.0.0.1:{self.cluster.port}/{self.name}"
+
+    def sql(self, role: str, text: str):
+        with psycopg2.connect(self.url(role)) as conn, conn.cursor() as cur:
+            cur.execute(text)
+            rows = cur.fetchall() if cur.description else None
+        conn.close()
+        return rows
+
+    def grants(self, example: str) -> str:
+        """The README's GRANT statements for this database and role."""
+        text = readme_example(example)
+        assert text.count("DATABASE account ") == 1 and text.count(" TO billing;") == len(sql_statements(text))
+        return text.replace("DATABASE account ", f"DATABASE {self.name} ").replace(" TO billing;", f" TO {self.role};")
+
+    def missing(self) -> list:
+        with psycopg2.connect(self.url(self.role)) as conn:
+            missing = billing.missing_grants(conn)
+        conn.close()
+        return missing
+
+    def drop(self) -> None:
+        admin = self.cluster.admin()
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+            for role in (self.role, self.owner):
+                cur.execute(f"DROP ROLE IF EXISTS {role}")
+        admin.close()
+
+
+def granted_privileges(grants: str) -> dict:
+    """{object: {privilege}} of GRANT statements (objects without their schema)."""
+    out = {}
+    for statement in sql_statements(grants):
+        match = re.fullmatch(r"GRANT (.+?) ON (?:(DATABASE|SCHEMA|SEQUENCE) )?(.+?) TO \w+", " ".join(statement.split()))
+        assert match, statement
+        privileges, kind, objects = match.groups()
+        for name in objects.split(", "):
+            key = kind.lower() if kind in ("DATABASE", "SCHEMA") else name.split(".")[-1]
+            out.setdefault(key, set()).update(privileges.split(", "))
+    return out
+
+
+def bills_as(shared: SharedDatabase, exporters) -> None:
+    """A real collection, status, metrics and an account view as the billing role: the grants suffice."""
+    shared.sql(shared.owner, f"INSERT INTO users (uuid) VALUES ('{A}')")
+    server = exporters([snap(at(1, 5), (A, "x", 100, 0)), snap(at(2, 5), (A, "x", 250, 0))])
+    svc = Service({"DATABASE_URL": shared.url(shared.role), "INTERNAL_SERVICE_TOKEN": TOKEN, "COLLECT_INTERVAL": "0",
+                   "PRICE_PER_BYTE": "0.5", "EXPORTER_SOURCES_JSON": json.dumps([source("a", server)])})
+    shared.sql(shared.owner if shared.owns else shared.role,
+               f"INSERT INTO billing_source_sync_state (source_id, last_completed_until) VALUES ('a', '{rfc(at(0))}')")
+    status, result = svc.post()
+    assert (status, result["status"], result["written_minutes"]) == (200, "ok", 2), result
+    for path in ("/v1/status", "/metrics", f"/v1/accounts/{A}"):
+        response = svc.client.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 200, (path, response.get_data(as_text=True))
+    assert shared.sql(shared.role, "SELECT sum(total_bytes) FROM traffic_minute_buckets") == [(250,)]
+    svc.close()
+
+
+def test_the_readmes_grants_are_what_the_service_needs_when_it_applies_schema_sql(cluster, exporters, tmp_path):
+    """The first way: the billing role, granted exactly the README's statements by the owner of users
+    and account_billing_profiles, applies schema.sql with the README's psql command and then lacks
+    nothing (app.missing_grants), bills, and each grant it was given and still needs is named once
+    revoked."""
+    if not shutil.which("psql"):
+        pytest.skip("psql is not installed")
+    shared = SharedDatabase(cluster, "grants")
+    shared.owns = False
+    try:
+        shared.sql(shared.owner, shared.grants("grants"))
+        (command,) = [line for line in readme_example("apply-schema").splitlines() if line.startswith("psql ")]
+        assert command.endswith(" 'postgresql://billing@db.example:5432/account'")
+        command = command.replace("'postgresql://billing@db.example:5432/account'", shlex.quote(shared.url(shared.role)))
+        done = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        assert shared.missing() == []
+        bills_as(shared, exporters)
+        for revoke, named in (("SELECT ON public.account_billing_profiles", "account_billing_profiles: SELECT"),
+                              ("SELECT ON public.users", "users: SELECT"),
+                              (f"TEMPORARY ON DATABASE {shared.name}", "database: TEMPORARY")):
+            shared.sql(shared.owner, f"REVOKE {revoke} FROM {shared.role}")
+            assert shared.missing() == [named]
+            shared.sql(shared.owner, f"GRANT {revoke} TO {shared.role}")
+        assert shared.missing() == []
+    finally:
+        shared.drop()
+
+
+def test_the_readmes_grants_when_the_owner_applies_schema_sql_are_exactly_required_grants(cluster, exporters):
+    """The second way: the owner applies schema.sql and grants the README's list. It is REQUIRED_GRANTS
+    (plus what connecting needs), the billing role lacks nothing and bills, and revoking any one
+    privilege makes app.missing_grants name exactly that one."""
+    shared = SharedDatabase(cluster, "grants_owner")
+    shared.owns = True
+    try:
+        shared.sql(shared.owner, open(os.path.join(ROOT, "schema.sql")).read())
+        grants = shared.grants("grants-owner")
+        privileges = granted_privileges(grants)
+        tables = {table: set(wanted.split(", ")) for table, wanted in billing.REQUIRED_GRANTS.items()}
+        assert privileges == {**tables, "database": {"CONNECT", "TEMPORARY"}, "schema": {"USAGE"},
+                              "billing_job_runs_id_seq": {"USAGE"}}
+        shared.sql(shared.owner, grants)
+        assert shared.missing() == []
+        bills_as(shared, exporters)
+        named = []
+        for table, wanted in sorted(tables.items()):
+            for privilege in sorted(wanted):
+                shared.sql(shared.owner, f"REVOKE {privilege} ON public.{table} FROM {shared.role}")
+                named.append((f"{table}: {privilege}", shared.missing()))
+                shared.sql(shared.owner, f"GRANT {privilege} ON public.{table} TO {shared.role}")
+        for revoke, what in ((f"TEMPORARY ON DATABASE {shared.name}", "database: TEMPORARY"),
+                             ("USAGE ON SEQUENCE public.billing_job_runs_id_seq", "billing_job_runs_id_seq: USAGE")):
+            shared.sql(shared.owner, f"REVOKE {revoke} FROM {shared.role}")
+            named.append((what, shared.missing()))
+            shared.sql(shared.owner, f"GRANT {revoke} TO {shared.role}")
+        assert [(what, [what]) for what, _ in named] == named
+        assert len(named) == sum(map(len, tables.values())) + 2 and shared.missing() == []
+    finally:
+        shared.drop()
+
+
+def test_gunicorn_checks_the_grants_and_logs_the_configuration_once_at_start_up(cluster, tmp_path):
+    """README (Configuration, Grants): before any worker starts, gunicorn's arbiter logs the effective
+    configuration once (secrets redacted) and its warnings, and checks the role's grants: one missing
+    stops the launcher with one line and exit status 2; a database that is down is only logged."""
+    shared = SharedDatabase(cluster, "startup")
+    try:
+        shared.sql(shared.owner, open(os.path.join(ROOT, "schema.sql")).read())
+        shared.sql(shared.owner, shared.grants("grants-owner"))
+        shared.sql(shared.owner, f"REVOKE INSERT ON public.billing_ledger FROM {shared.role}")
+        env = {"PATH": os.environ["PATH"], "DATABASE_URL": shared.url(shared.role), "INTERNAL_SERVICE_TOKEN": TOKEN,
+               "EXPORTER_SOURCES_JSON": json.dumps([{"source_id": "a", "base_url": "http://127.0.0.1:9"}]),
+               "COLLECT_INTERVAL": "0", "LISTEN_ADDR": f"127.0.0.1:{free_port()}", "PRICE_PER_BYT": "1"}
+        log = tmp_path / "launcher.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "gunicorn.conf.py"], cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: proc.poll() is not None or "Booting worker" in log.read_text(), timeout=60,
+                     what="the launcher to exit or a worker to boot")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        lines = log.read_text().splitlines()
+        assert (proc.returncode, lines[-1:]) == (2, [
+            "billing-service: configuration error: DATABASE_URL: the database role lacks billing_ledger: INSERT "
+            "(README: Grants)"]), "\n".join(lines[-20:])
+        assert "Traceback" not in log.read_text() and DB_PASSWORD not in log.read_text()
+
+        shared.sql(shared.owner, f"GRANT INSERT ON public.billing_ledger TO {shared.role}")
+        for database_up in (True, False):
+            if not database_up:
+                env["DATABASE_URL"] = f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/account"
+            g = Gunicorn({k: v for k, v in env.items() if k != "LISTEN_ADDR"}, workers=2, split_streams=True)
+            try:
+                g.start()
+                booted(g, 2)
+                stop_cleanly(g)
+            finally:
+                g.stop()
+            logged = our_log_lines(g.stderr())
+            g.remove_logs()
+            (config,) = [e for e in logged if e["event"] == "config"]
+            assert config["database_url"] == env["DATABASE_URL"].replace(DB_PASSWORD, "***")
+            assert config["price_per_byte"] == "0" and config["push_max_age"] == 86400.0
+            assert TOKEN not in json.dumps(logged) and DB_PASSWORD not in json.dumps(logged)
+            warnings = sorted(e["message"] for e in logged if e["event"] == "config_warning")
+            typo = "PRICE_PER_BYT is not a billing-service variable: did you mean PRICE_PER_BYTE? (it is ignored)"
+            zero = "PRICE_PER_BYTE is 0 and none of the 0 billing profiles sets a price: every charge is 0"
+            assert warnings == sorted([typo, zero] if database_up else [typo]), warnings
+            unchecked = [e for e in logged if e["event"] == "database_unchecked"]
+            assert len(unchecked) == (0 if database_up else 1), unchecked
+    finally:
+        shared.drop()
+
+
+def readme_json_after(name: str):
+    """The JSON block that follows the README's example NAME (its sample output)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    after = readme.split(f"<!-- example: {name} -->\n```", 1)[1].split("\n```\n", 1)[1]
+    assert after.lstrip().startswith("```json\n"), after[:200]
+    return json.loads(after.split("```json\n", 1)[1].split("```", 1)[0])
+
+
+def same_shape(example, answer, where="") -> None:
+    """The same keys in the same order, and the same kinds of values (a time may be null)."""
+    if isinstance(example, dict):
+        assert isinstance(answer, dict) and list(answer) == list(example), (where, list(answer), list(example))
+        for key in example:
+            same_shape(example[key], answer[key], f"{where}.{key}")
+    elif isinstance(example, list):
+        assert isinstance(answer, list) and answer, where
+        for item in answer:
+            same_shape(example[0], item, f"{where}[]")
+    elif example is None or isinstance(example, str):
+        assert answer is None or isinstance(answer, str), (where, answer)
+    else:
+        assert type(answer) is type(example), (where, answer, example)
+
+
+def test_the_readmes_account_view_is_what_the_endpoint_answers(db, exporters, service):
+    """GET /v1/accounts/<uuid> answers the README example's shape; its numbers are the account's rows
+    (bytes per day and line, ledger money as exact decimal text, the quota row), and the README's
+    400/404 answers are the endpoint's."""
+    db.add_users(A, B)
+    server, svc = one_source(db, exporters, service, [
+        snap(at(1, 5), (A, "x", 100, 10), (A, "", 7, 0)), snap(at(1, 35), (A, "x", 160, 10), (A, "", 9, 1)),
+        snap(at(2, 5), (A, "x", 400, 30), (A, "", 9, 1))], PRICE_PER_BYTE="0.000001", INITIAL_BALANCE="10",
+        INITIAL_INCLUDED_QUOTA_BYTES="50")
+    assert svc.post()[1]["status"] == "ok"
+    day = datetime.combine(at(1).date(), datetime.min.time(), UTC)
+    query = f"?since={rfc(day)}&until={rfc(day + timedelta(days=1))}"
+    status, view = svc.get(f"/v1/accounts/{A}{query}", token=TOKEN)
+    assert status == 200, view
+    same_shape(readme_json_after("account"), view)
+    assert view["bytes"] == [
+        {"day": day.date().isoformat(), "region": "", "line_code": "", "uplink_bytes": 9, "downlink_bytes": 1,
+         "bytes": 10, "minutes": 1},
+        {"day": day.date().isoformat(), "region": "", "line_code": "x", "uplink_bytes": 400, "downlink_bytes": 30,
+         "bytes": 430, "minutes": 2}]
+    # 440 bytes, the first 50 included: 390 at one millionth, in 5 ledger rows (one per increment)
+    assert view["money"] == [{"day": day.date().isoformat(), "rated_bytes": 390, "amount": "-0.00039",
+                              "ledger_rows": 5}]
+    assert view["state"] == {"balance": "9.99961", "remaining_included_quota_bytes": 0, "arrears": False,
+                             "arrears_since": None, "throttle_state": "normal", "suspend_state": "active",
+                             "suspended_by_billing": False, "last_rated_minute": rfc(at(2))}
+    if at(1).date() == datetime.now(UTC).date():  # the default range is today (UTC)
+        assert svc.get(f"/v1/accounts/{A}", token=TOKEN) == (200, view)
+    assert svc.get(f"/v1/accounts/{B}{query}", token=TOKEN) == (200, {
+        "account": B, "since": rfc(day), "until": rfc(day + timedelta(days=1)), "state": None, "bytes": [],
+        "money": []})
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        api = handle.read().split("## API\n", 1)[1].split("\n## ", 1)[0]
+    for path, answer in ((f"/v1/accounts/not-a-uuid{query}", (400, "not an account UUID")),
+                         (f"/v1/accounts/{uuid.uuid4()}{query}", (404, "no such account (no users row)")),
+                         (f"/v1/accounts/{A}?since={rfc(day)}&until={rfc(day + timedelta(days=32))}",
+                          (400, "the range is longer than 31 days")),
+                         (f"/v1/accounts/{A}?since={rfc(day)}&until={rfc(day)}", (400, "since must be before until")),
+                         (f"/v1/accounts/{A}?since=yesterday", (400, "since and until must be RFC3339 times"))):
+        status, body = svc.get(path, token=TOKEN)
+        assert (status, body) == (answer[0], {"error": answer[1]}), path
+        assert f"`{answer[1]}`" in api.replace("\n", " ")
+    assert svc.get(f"/v1/accounts/{A}{query}")[0] == 401
+
+
+def takeover_stream(count: int):
+    """The scenario of test_takeover_from_the_original_service_bills_every_byte_after_it_exactly_once,
+    longer: a tagged account, an untagged one and one with two inbounds, a snapshot every 20 s."""
+    tagged, untagged, two = account(41), account(42), account(43)
+    return (tagged, untagged, two), [
+        (at(1, 20 * i), [(tagged, "xhttp", 100 * (i + 1), 10 * (i + 1)), (untagged, "", 50 * (i + 1), 5 * (i + 1)),
+                         (two, "xhttp", 1000 * (i + 1), 0), (two, "tcp", 300 * (i + 1), 30 * (i + 1))])
+        for i in range(count)]
+
+
+def test_the_readmes_takeover_verification_reports_the_truth_per_account(db, exporters, service):
+    """The README's verification SQL, run as written: over the original service's rows (the takeover
+    test's scenario) it shows billed_since = counter_growth for the one-series accounts and leaves the
+    two-inbound account's growth empty (it is billed one interval per inbound short); run again over the
+    rows this service has written (tagged series keys), it shows billed_since = counter_growth for every
+    account; the money query explains every balance."""
+    (tagged, untagged, two), snapshots = takeover_stream(24)
+    db.add_users(tagged, untagged, two)
+    price = 0.5
+    original_service_state(db, snapshots[:16], at(3, 20), price, 100000.0)  # its last sample: the 8th
+    db.q(readme_example("takeover-before"))
+    take_over(db)
+    server = exporters([snap(t, *samples) for t, samples in snapshots[:16]])
+    svc = service(db, [source("a", server)], PRICE_PER_BYTE=str(price))
+    assert svc.post()[1]["status"] == "ok"
+    node = f"{ENV}:{NODE}"
+
+    def report():
+        rows = db.q(readme_example("takeover-after"))
+        assert {row[0] for row in rows} == {node}
+        return {row[1]: tuple(None if value is None else int(value) for value in row[2:]) for row in rows}
+
+    def money(billed):
+        rows = {row[0]: row for row in db.q(readme_example("takeover-money"))}
+        assert {a: (float(r[2]), r[3] > 0, r[5]) for a, r in rows.items()} == {
+            a: (-price * billed[a], True, 0) for a in billed}
+
+    # (series before, series now, billed_since, counter_growth): 8 snapshots after the original's last
+    assert report() == {tagged: (1, 1, 8 * 110, 8 * 110), untagged: (1, 1, 8 * 55, 8 * 55),
+                        two: (1, 2, 8 * 1330 - 1330, None)}
+    money({tagged: 8 * 110, untagged: 8 * 55, two: 7 * 1330})
+
+    # Again, on the database this service has written: tagged keys are counted under their storage node.
+    db.q("DROP TABLE takeover_before, takeover_balances")
+    db.q(readme_example("takeover-before"))
+    server.add(*[snap(t, *samples) for t, samples in snapshots[16:]])
+    assert svc.post()[1]["status"] == "ok"
+    assert report() == {tagged: (1, 1, 8 * 110, 8 * 110), untagged: (1, 1, 8 * 55, 8 * 55),
+                        two: (2, 2, 8 * 1330, 8 * 1330)}
+    money({tagged: 8 * 110, untagged: 8 * 55, two: 8 * 1330})
+
+
+def the_original_runs_again(db: Db, snapshots, price: float) -> None:
+    """The original Go service started again over this service's rows, as original_service_state
+    models it: one plain-key checkpoint per (env:node, account), whichever inbound it saw last; without
+    one, an account is new and its whole counter is billed; otherwise each direction's growth, never
+    below zero. Tagged keys are not its own, so it never reads them. Buckets add up, one uuid5 ledger
+    row per (minute, account, line), balances move, the watermark follows."""
+    node = f"{ENV}:{NODE}"
+    rows = {row[1]: row[2:4] for row in db.checkpoints() if row[0] == node}
+    billed = collections.Counter()
+    for stamp, samples in snapshots:
+        for account_id, tag, up, down in samples:
+            previous = rows.get(account_id)
+            step = up + down if previous is None else max(0, up - previous[0]) + max(0, down - previous[1])
+            rows[account_id] = (up, down)
+            db.q("""INSERT INTO traffic_stat_checkpoints (node_id, account_uuid, last_uplink_total, last_downlink_total,
+                    last_seen_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (node_id, account_uuid) DO UPDATE
+                    SET last_uplink_total = EXCLUDED.last_uplink_total,
+                        last_downlink_total = EXCLUDED.last_downlink_total, last_seen_at = EXCLUDED.last_seen_at""",
+                 (node, account_id, up, down, stamp))
+            billed[(billing.minute_floor(stamp), account_id, tag)] += step
+    for (minute, account_id, tag), total in billed.items():
+        if not total:
+            continue
+        db.q("""INSERT INTO traffic_minute_buckets AS t (bucket_start, node_id, account_uuid, region, line_code,
+                uplink_bytes, downlink_bytes, total_bytes, rating_status, source_revision)
+                VALUES (%s, %s, %s, '', %s, %s, 0, %s, 'rated', 'billing-service-go')
+                ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE
+                SET uplink_bytes = t.uplink_bytes + EXCLUDED.uplink_bytes, total_bytes = t.total_bytes + EXCLUDED.total_bytes""",
+             (minute, node, account_id, tag, total, total))
+        (balance,) = db.one("""UPDATE account_quota_states SET current_balance = current_balance - %s
+                               WHERE account_uuid = %s RETURNING current_balance""", (price * total, account_id))
+        db.q("""INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
+                amount_delta, balance_after, pricing_rule_version) VALUES (%s, %s, %s, %s, 'traffic_charge', %s, %s,
+                %s, 'billing-service-go')""",
+             (str(uuid.uuid5(uuid.NAMESPACE_OID, f"{rfc(minute)}|{node}|{account_id}||{tag}")), account_id, minute,
+              minute + MINUTE, total, -price * total, balance))
+    db.set_watermark("a", snapshots[-1][0])
+
+
+def test_going_back_to_the_original_and_returning_as_the_readme_says_bills_each_byte_once(db, exporters, service):
+    """This service bills a node, makes way for the original (the README's rollback statement first),
+    then comes back (the README's return and inherit statements). A one-inbound tagged account, an
+    untagged one and a tagged one the original never saw are billed exactly their counters over the
+    whole time, whoever billed which part; the two-inbound account (the original's one row cannot
+    follow it) is never billed more than its growth after the return; no ledger id collides and every
+    balance is its ledger."""
+    (tagged, untagged, two), stream = takeover_stream(30)
+    idle = account(44)
+    # The idle account is away while the original runs; the two-inbound account's tcp misses the first
+    # snapshot after the return (its stale checkpoint of this service must not bill the original's time).
+    snapshots = [(t, [s for s in samples if i != 20 or s[:2] != (two, "tcp")] +
+                  ([(idle, "xhttp", 70 * (i + 1), 7 * (i + 1))] if not 10 <= i < 20 else []))
+                 for i, (t, samples) in enumerate(stream)]
+    db.add_users(tagged, untagged, two, idle)
+    price = 0.5
+    server = exporters([snap(t, *samples) for t, samples in snapshots[:10]])
+    db.set_watermark("a", at(0))
+    svc = service(db, [source("a", server)], PRICE_PER_BYTE=str(price))
+    assert svc.post()[1]["status"] == "ok"
+    svc.close()
+
+    db.q(readme_example("rollback"))  # this service stopped; before the original starts
+    the_original_runs_again(db, snapshots[10:20], price)
+
+    db.q(readme_example("return"))  # the original stopped
+    db.q(readme_example("inherit"))
+    server.add(*[snap(t, *samples) for t, samples in snapshots[10:]])
+    svc = service(db, [source("a", server)], PRICE_PER_BYTE=str(price))
+    status, result = svc.post()
+    assert (status, result["status"], result["already_billed"]) == (200, "ok", 0), result
+    assert db.watermark("a") == snapshots[-1][0]
+
+    billed = collections.Counter()
+    ours_after = collections.Counter()
+    for bucket in db.buckets():
+        billed[bucket[2]] += bucket[7]
+    for row in db.q("""SELECT account_uuid::text, sum(total_bytes) FROM traffic_minute_buckets
+                       WHERE bucket_start >= %s AND source_revision <> 'billing-service-go' GROUP BY 1""",
+                    (billing.minute_floor(snapshots[20][0]) + MINUTE,)):
+        ours_after[row[0]] = row[1]
+    last = {(a, tag): up + down for a, tag, up, down in snapshots[-1][1]}
+    assert billed[tagged] == last[tagged, "xhttp"]  # 110 a snapshot, from zero, once
+    assert billed[untagged] == last[untagged, ""]
+    assert billed[idle] == last[idle, "xhttp"]
+    first = {(a, tag): up + down for i in (21, 20) for a, tag, up, down in snapshots[i][1]}
+    # each inbound's first sample after the return is a baseline (below the original's row; beside the
+    # account's other series), then exact
+    assert ours_after[two] == last[two, "xhttp"] - first[two, "xhttp"] + last[two, "tcp"] - first[two, "tcp"]
+    assert db.q("SELECT count(*) FROM billing_inherited_checkpoints") == [(0,)]
+    ids = [row[0] for row in db.ledger()]
+    assert len(ids) == len(set(ids))
+    balances = db.q("""SELECT q.account_uuid::text, q.current_balance::numeric, sum(l.amount_delta::numeric)
+                       FROM account_quota_states q JOIN billing_ledger l USING (account_uuid) GROUP BY 1, 2""")
+    assert len(balances) == 4 and all(balance == ledger for _, balance, ledger in balances), balances
+
+
+def readme_queries(name: str, url: str, **variables) -> list:
+    """Each query of the README's SQL example NAME, run through psql as an operator pastes it (its
+    set lines first, with ``variables`` instead of the README's values): the rows of each, as text."""
+    import csv
+    import io
+    if not shutil.which("psql"):
+        pytest.skip("psql is not installed")
+    block = readme_example(name)
+    settings_ = [line for line in block.splitlines() if line.startswith("\\set ")]
+    for key, value in variables.items():
+        (line,) = [line for line in settings_ if line.split()[1] == key]
+        settings_[settings_.index(line)] = f"\\set {key} {value}"
+    body = "\n".join(line for line in block.splitlines() if not line.startswith("\\set "))
+    results = []
+    for statement in sql_statements(body):
+        done = subprocess.run(["psql", "-X", "-q", "--csv", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", "-"],
+                              input="\n".join(settings_ + [statement + ";"]), capture_output=True, text=True,
+                              timeout=120, env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        results.append(list(csv.reader(io.StringIO(done.stdout)))[1:])
+    return results
+
+
+def months_stream():
+    """Three accounts over ten minutes, a snapshot every 30 s: A heavy on two inbounds, B light, C once."""
+    return [snap(at(1, 30 * i), (A, "x", 1000 * (i + 1), 100 * (i + 1)), (A, "", 10 * (i + 1), 0),
+                 (B, "x", 7 * (i + 1), 0), *([(C, "y", 5000, 5)] if i == 3 else [])) for i in range(20)]
+
+
+def test_the_readmes_queries_for_months_answer_from_the_rows(db, exporters, service):
+    """Running it for months: one account's minutes and ledger rows today, the top accounts this month by
+    bytes and by money, and the balance check (quiet while every balance is INITIAL_BALANCE plus its
+    ledger; naming a topped-up account with its starting balance), run through psql as written."""
+    db.add_users(A, B, C)
+    _, svc = one_source(db, exporters, service, months_stream(), PRICE_PER_BYTE="0.000001", INITIAL_BALANCE="10")
+    assert svc.post()[1]["status"] == "ok"
+    now = datetime.now(UTC)
+    today = datetime.combine(now.date(), datetime.min.time(), UTC)
+    month = today.replace(day=1)
+    minutes, ledger = readme_queries("months-account", db.url, account=f"'{A}'")
+    assert [(billing.parse_time(r[0].replace(" ", "T").replace("+00", "Z")), r[1], r[2], int(r[5])) for r in minutes] == [
+        (b[0], b[1], b[4], b[7]) for b in db.buckets() if b[2] == A and b[0] >= today]
+    assert [r[5] for r in ledger] == [r[0] for r in db.q(
+        "SELECT id::text FROM billing_ledger WHERE account_uuid = %s AND bucket_start >= %s ORDER BY created_at, id",
+        (A, today))]
+    assert sum(Decimal(r[2]) for r in ledger) == sum(
+        (billing.as_decimal(r[6]) for r in db.ledger() if r[1] == A and r[2] >= today), Decimal(0))
+    by_bytes, by_money = readme_queries("months-top", db.url)
+    expected = collections.Counter()
+    for b in db.buckets():
+        if b[0] >= month:
+            expected[b[2]] += b[7]
+    assert [(r[0], int(r[1])) for r in by_bytes] == sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert [r[0] for r in by_money] == [a for a, _ in sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))]
+    assert readme_queries("months-balance", db.url, initial_balance="10") == [[]]
+    assert readme_queries("months-balance", db.url, initial_balance="0")[0] != []  # the check can fail
+    db.q("UPDATE account_quota_states SET current_balance = current_balance + 5 WHERE account_uuid = %s", (B,))
+    ((row,),) = readme_queries("months-balance", db.url, initial_balance="10")
+    assert (row[0], Decimal(row[3])) == (B, Decimal(15))
+
+
+def test_the_readmes_backup_restores_facts_that_agree_and_billing_continues(cluster, exporters, tmp_path):
+    """The README's pg_dump of the billing tables, restored with its pg_restore into an empty copy of
+    the schema: the same facts, and the next run bills on both databases exactly alike."""
+    if not (shutil.which("pg_dump") and shutil.which("pg_restore")):
+        pytest.skip("pg_dump and pg_restore are not installed")
+    source_db, restored = Db(cluster.new_database()), Db(cluster.new_database())
+    try:
+        stream = months_stream()
+        for database in (source_db, restored):
+            database.add_users(A, B, C)
+        server = exporters(stream[:12])
+        source_db.set_watermark("a", at(0))
+        env = dict(PRICE_PER_BYTE="0.000001", INITIAL_BALANCE="10")
+        assert Service(service_env(source_db, [source("a", server)], **env)).post()[1]["status"] == "ok"
+        url = "'postgresql://billing@db.example:5432/account'"
+        dump = readme_example("backup")
+        assert dump.count(url) == 1
+        done = subprocess.run(["bash", "-c", dump.replace(url, shlex.quote(source_db.url))], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        (dumped,) = [name for name in os.listdir(tmp_path) if name.endswith(".dump")]
+        restore = readme_example("restore")
+        assert restore.count(url.replace("'", "")) == 1 and restore.count("billing-20261201T000000Z.dump") == 1
+        command = restore.replace(url.replace("'", ""), restored.url).replace("billing-20261201T000000Z.dump", dumped)
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={"PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        assert restored.facts() == source_db.facts() and restored.facts()["ledger"]
+        assert restored.q("SELECT * FROM billing_node_marks") == source_db.q("SELECT * FROM billing_node_marks")
+        server.add(*stream[12:])
+        for database in (source_db, restored):
+            result = Service(service_env(database, [source("a", server)], **env)).post()[1]
+            assert (result["status"], result["already_billed"]) == ("ok", 0), result
+        assert restored.facts(with_balance=True) == source_db.facts(with_balance=True)
+    finally:
+        for database in (source_db, restored):
+            database.close()
+            cluster.drop_database(database.url)
+
+
+def test_deleting_old_buckets_as_the_readme_says_keeps_billing_and_replays_intact(cluster, exporters):
+    """Two databases bill the same snapshots; on one, the README's batch deletion removes the buckets
+    before minute 6 half-way. Then both bill the rest, a reconcile of the whole range and a rewound
+    watermark replay everything: the deleted minutes stay deleted (billing never reads a bucket back),
+    and every other fact (ledger, balances, checkpoints, the remaining buckets) is the same as on the
+    untouched database. The remaining window keeps I2, its bytes are its counters' growth, and the
+    ledger still adds up to every balance (I3)."""
+    kept, pruned = Db(cluster.new_database()), Db(cluster.new_database())
+    try:
+        stream = months_stream()
+        server = exporters(stream[:12])
+        cutoff = at(6)
+        block = readme_example("delete-buckets")
+        age = "date_trunc('day', now(), 'UTC') - interval '90 days'"
+        assert block.count(age) == 1
+        for database in (kept, pruned):
+            database.add_users(A, B, C)
+            database.set_watermark("a", at(0))
+            svc = Service(service_env(database, [source("a", server)], PRICE_PER_BYTE="0.000001"))
+            assert svc.post()[1]["status"] == "ok"
+        assert pruned.q("SELECT count(*) FROM traffic_minute_buckets WHERE bucket_start < %s", (cutoff,))[0][0] > 0
+        pruned.q(block.replace(age, f"'{rfc(cutoff)}'::timestamptz"))  # autocommit: the DO block commits
+        assert pruned.q("SELECT count(*) FROM traffic_minute_buckets WHERE bucket_start < %s", (cutoff,)) == [(0,)]
+        server.add(*stream[12:])
+        for database in (kept, pruned):
+            svc = Service(service_env(database, [source("a", server)], PRICE_PER_BYTE="0.000001"))
+            assert svc.post()[1]["status"] == "ok"
+            before = row_versions(database)
+            status, again = svc.post("reconcile", {"source_id": "a", "since": rfc(at(0)), "until": rfc(at(12))})
+            assert (status, again["written_minutes"], again["already_billed"]) == (200, 0, 0), again
+            database.set_watermark("a", at(0))
+            assert svc.post()[1]["written_minutes"] == 0
+            assert row_versions(database) == before
+        kept_facts, pruned_facts = kept.facts(), pruned.facts()
+        assert pruned_facts["buckets"] == [b for b in kept_facts["buckets"] if b[0] >= cutoff]
+        assert {k: v for k, v in pruned_facts.items() if k != "buckets"} == \
+            {k: v for k, v in kept_facts.items() if k != "buckets"}
+        # The remaining window: I2, and each series' bytes are its counter's growth over the window.
+        growth, last = collections.Counter(), {}
+        for snapshot in stream:
+            stamp = billing.parse_time(snapshot["collected_at"])
+            for sample in snapshot["samples"]:
+                key = (sample["uuid"], sample["inbound_tag"])
+                total = sample["uplink_bytes_total"] + sample["downlink_bytes_total"]
+                if stamp >= cutoff:
+                    growth[key] += total - last.get(key, 0)
+                last[key] = total
+        window = collections.Counter()
+        for b in pruned_facts["buckets"]:
+            assert b[7] == b[5] + b[6]
+            window[(b[2], b[4])] += b[7]
+        assert window == +growth
+        for account_id, balance, ledger_sum in pruned.q("""
+                SELECT q.account_uuid::text, q.current_balance::numeric, sum(l.amount_delta::numeric)
+                FROM account_quota_states q JOIN billing_ledger l USING (account_uuid) GROUP BY 1, 2"""):
+            assert balance == ledger_sum, account_id
+    finally:
+        for database in (kept, pruned):
+            database.close()
+            cluster.drop_database(database.url)
+
+
+def test_upgrading_from_an_earlier_release_as_the_readme_says_keeps_its_series_and_suspensions(
+        db, exporters, service):
+    """A database an earlier release billed: A has an untagged and a tagged series on the node, and an
+    account it suspended. Applying this release's schema.sql records the plain rows as the original's;
+    the README's DELETE makes them this service's own again, so the tagged series continues from its
+    own checkpoint (without it, it would be decided like a takeover: a baseline here). The README's
+    UPDATE hands the old suspension to billing, and the next sweep lifts it."""
+    db.add_users(A, B)
+    node = f"{ENV}:{NODE}"
+    db.set_checkpoint(node, A, 5000, 500, at(1, 5))
+    db.set_checkpoint(f"{node}#x", A, 100, 10, at(1, 5))
+    db.q("""INSERT INTO account_quota_states (account_uuid, current_balance, arrears, suspend_state)
+            VALUES (%s, 3, false, 'suspended')""", (B,))
+    take_over(db)  # this release's schema.sql, creating billing_inherited_checkpoints
+    assert db.q("SELECT node_id, account_uuid::text FROM billing_inherited_checkpoints") == [(node, A)]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        upgrading = handle.read().split("### Upgrading without Ansible\n", 1)[1].split("\n### ", 1)[0]
+    statements = re.findall(r"`((?:DELETE FROM billing_inherited_checkpoints|UPDATE account_quota_states)[^`]*;)`",
+                            upgrading)
+    assert len(statements) == 2, statements
+    for statement in statements:
+        db.q(statement)
+    _, svc = one_source(db, exporters, service, [snap(at(2, 5), (A, "x", 400, 30))], watermark_minute=1)
+    result = svc.post()[1]
+    assert (result["status"], result["baselined"], result["lifted"]) == ("ok", 0, 1), result
+    assert [(b[4], b[7]) for b in db.buckets()] == [("x", 320)]
+    assert db.q("SELECT suspend_state, suspended_by_billing FROM account_quota_states WHERE account_uuid = %s",
+                (B,)) == [("active", False)]
+
+
 # ---- the quick start: ./deploy/local.sh run ----------------------------------------------
 
 def test_local_run_bills_demo_traffic_and_ctrl_c_stops_everything():

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
 import ssl
+import sys
 import threading
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -227,6 +229,17 @@ def demo_accounts(count: int) -> list:
     return [str(uuid.uuid5(DEMO_NAMESPACE, f"demo-account-{i}")) for i in range(count)]
 
 
+def print_lines(lines) -> None:
+    """Write lines to stdout in one go; a reader that stops early (``| head -n 1``) is not an error."""
+    try:
+        sys.stdout.write("".join(f"{line}\n" for line in lines))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be written; point stdout at /dev/null so that the flush
+        # at exit does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
@@ -239,7 +252,7 @@ def main() -> None:
     args = parser.parse_args()
     accounts = demo_accounts(args.accounts)
     if args.print_accounts:
-        print("\n".join(accounts))
+        print_lines(accounts)
         return
     start = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=args.history_minutes)
     server = ExporterServer(SyntheticTimeline(accounts, start, args.step), [args.token], args.host, args.port)
