@@ -1685,7 +1685,7 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     def account_bill(account: str):
         if not has_job_token():
             return unauthorized()
-        today, args = minute_floor(utcnow()).replace(hour=0), flask.request.args
+        today, args = minute_floor(utcnow()).replace(hour=0, minute=0), flask.request.args
         try:
             account = str(uuid.UUID(account))
             since, until = parse_range(args.get("since", format_time(today)),

@@ -122,10 +122,13 @@ CREATE INDEX IF NOT EXISTS idx_billing_ledger_account_created
 
 -- The original (Go) service's checkpoints this service has not taken over yet:
 -- one per (storage node, account), under the plain key env:node, whatever the
--- inbound. Recorded once, when this table is created, from every plain-key
--- checkpoint then present (stop the original first); the first snapshot of
--- each (node, account) after it decides, and removes the row (README: Taking
--- over from the original service).
+-- inbound. Recorded once, when this table is created on a database no release
+-- of this service has run on (billing_job_runs, created below, does not exist
+-- yet), from every plain-key checkpoint then present: stop the original first.
+-- Over an earlier release's database the plain rows are that release's own
+-- (its untagged series) and nothing is recorded. The first snapshot of each
+-- (node, account) after the original's last sample decides, and removes the
+-- row (README: Taking over from the original service).
 DO $$
 BEGIN
   IF to_regclass('public.billing_inherited_checkpoints') IS NULL THEN
@@ -134,8 +137,10 @@ BEGIN
       account_uuid UUID NOT NULL,
       PRIMARY KEY (node_id, account_uuid)
     );
-    INSERT INTO public.billing_inherited_checkpoints (node_id, account_uuid)
-    SELECT node_id, account_uuid FROM public.traffic_stat_checkpoints WHERE strpos(node_id, '#') = 0;
+    IF to_regclass('public.billing_job_runs') IS NULL THEN
+      INSERT INTO public.billing_inherited_checkpoints (node_id, account_uuid)
+      SELECT node_id, account_uuid FROM public.traffic_stat_checkpoints WHERE strpos(node_id, '#') = 0;
+    END IF;
   END IF;
 END
 $$;

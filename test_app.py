@@ -4222,9 +4222,10 @@ def original_service_state(db: Db, snapshots, last_at: datetime, price: float, i
 
 
 def take_over(db: Db) -> None:
-    """What an operator's first deploy over the original's database does: schema.sql, applied where
-    billing_inherited_checkpoints does not exist yet, records every plain-key checkpoint as the original's."""
-    db.q("DROP TABLE billing_inherited_checkpoints")
+    """What an operator's first deploy over the original's database does: schema.sql, applied where no
+    release of this service has run (no billing_inherited_checkpoints, no billing_job_runs), records
+    every plain-key checkpoint as the original's."""
+    db.q("DROP TABLE billing_inherited_checkpoints, billing_job_runs")
     db.q(open(os.path.join(ROOT, "schema.sql")).read())
 
 
@@ -6974,23 +6975,22 @@ def test_deleting_old_buckets_as_the_readme_says_keeps_billing_and_replays_intac
 def test_upgrading_from_an_earlier_release_as_the_readme_says_keeps_its_series_and_suspensions(
         db, exporters, service):
     """A database an earlier release billed: A has an untagged and a tagged series on the node, and an
-    account it suspended. Applying this release's schema.sql records the plain rows as the original's;
-    the README's DELETE makes them this service's own again, so the tagged series continues from its
-    own checkpoint (without it, it would be decided like a takeover: a baseline here). The README's
-    UPDATE hands the old suspension to billing, and the next sweep lifts it."""
+    account it suspended. Applying this release's schema.sql there records nothing as the original's
+    (billing_job_runs says a release of this service has run), so the tagged series continues from its
+    own checkpoint. The README's UPDATE hands the old suspension to billing, and the next sweep lifts it."""
     db.add_users(A, B)
     node = f"{ENV}:{NODE}"
     db.set_checkpoint(node, A, 5000, 500, at(1, 5))
     db.set_checkpoint(f"{node}#x", A, 100, 10, at(1, 5))
     db.q("""INSERT INTO account_quota_states (account_uuid, current_balance, arrears, suspend_state)
             VALUES (%s, 3, false, 'suspended')""", (B,))
-    take_over(db)  # this release's schema.sql, creating billing_inherited_checkpoints
-    assert db.q("SELECT node_id, account_uuid::text FROM billing_inherited_checkpoints") == [(node, A)]
+    db.q("DROP TABLE billing_inherited_checkpoints")  # new in this release: schema.sql creates it
+    db.q(open(os.path.join(ROOT, "schema.sql")).read())
+    assert db.q("SELECT node_id, account_uuid::text FROM billing_inherited_checkpoints") == []
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
         upgrading = handle.read().split("### Upgrading without Ansible\n", 1)[1].split("\n### ", 1)[0]
-    statements = re.findall(r"`((?:DELETE FROM billing_inherited_checkpoints|UPDATE account_quota_states)[^`]*;)`",
-                            upgrading)
-    assert len(statements) == 2, statements
+    statements = re.findall(r"`(UPDATE account_quota_states[^`]*;)`", upgrading)
+    assert len(statements) == 1, statements
     for statement in statements:
         db.q(statement)
     _, svc = one_source(db, exporters, service, [snap(at(2, 5), (A, "x", 400, 30))], watermark_minute=1)
