@@ -1696,12 +1696,36 @@ def nested_values_page(stamp, values: int) -> tuple[bytes, int]:
     return body, chains
 
 
+def json_values(body: bytes, ndjson: bool = False) -> int:
+    """What decode_json counts against MAX_JSON_VALUES."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + (body.count(b"\n") if ndjson else 0)
+
+
+def costliest_ndjson(stamp, node: str, values: int) -> tuple[bytes, int]:
+    """NDJSON snapshot lines just under ``values`` JSON values, each line's
+    one sample the costliest value per JSON value json.loads builds: one-key
+    objects nested in each other, each with a key of its own (json.loads
+    shares a key seen before in the same document: ~240 bytes a value parsed
+    against ~184 for a repeated key). Returns the body and its line count."""
+    depth = 800
+    chain = "".join(f'{{"k{level:05d}":' for level in range(depth)) + "0" + "}" * depth
+    line = json.dumps({"collected_at": rfc(stamp), "node_id": node, "env": ENV, "samples": ["@"]})
+    line = line.replace('"@"', chain).encode() + b"\n"
+    lines = (values - 1) // json_values(line, ndjson=True)
+    body = line * lines
+    assert values - json_values(line, ndjson=True) < json_values(body, ndjson=True) < values
+    return body, lines
+
+
 def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gunicorns):
-    """Real gunicorn, one worker: a page just under MAX_BODY_BYTES made of
-    millions of empty objects fails its source cleanly (nothing written,
-    watermark kept); a page just under MAX_JSON_VALUES of the costliest values
-    is parsed (its samples skipped as invalid); a pushed body of the first kind
-    is a 400. The worker's peak RSS stays under 400 MB throughout."""
+    """Real gunicorn, one worker: an NDJSON push just under MAX_JSON_VALUES of
+    the costliest values is parsed a line at a time (the worker's peak RSS
+    hardly moves), one line more is a 400 naming the budget; a page just
+    under MAX_BODY_BYTES made of millions of empty objects fails its source
+    cleanly (nothing written, watermark kept); a page just under
+    MAX_JSON_VALUES of the costliest values is parsed (its samples skipped as
+    invalid); a pushed body of the first kind is a 400. The worker's peak RSS
+    stays under 400 MB throughout."""
     db.add_users(A)
     server = exporters()
     db.set_watermark("a", at(-1))
@@ -1709,6 +1733,29 @@ def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gu
     g = gunicorns(service_env(db, [source("a", server), push]), workers=1)
     worker, = worker_pids(g.proc.pid)
     max_body = 16 * 1024 * 1024
+
+    # First, while the worker's peak is still its own: NDJSON of the costliest lines, all of them parsed.
+    def push_ndjson(body):
+        return requests.post(f"{g.url}/v1/ingest/snapshots", data=body, timeout=60,
+                             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": NDJSON})
+
+    assert push_ndjson(push_body(snap(at(0, 1)), node="node-p", ndjson=True)).status_code == 200  # warmed up
+    idle = peak_rss_mb(worker)
+    ndjson, lines = costliest_ndjson(at(0, 5), "node-p", billing.MAX_JSON_VALUES)
+    response = push_ndjson(ndjson)
+    assert response.status_code == 200, response.text[:500]
+    assert (response.json()["status"], response.json()["invalid_samples"]) == ("partial", lines), response.text[:500]
+    ndjson_peak = peak_rss_mb(worker)
+    print(f"\nhardening: peak RSS of the worker before and after an NDJSON push of {lines} lines "
+          f"({json_values(ndjson, ndjson=True)} JSON values, {len(ndjson)} bytes): {idle:.0f} MB, {ndjson_peak:.0f} MB")
+    assert ndjson_peak - idle < 40, f"worker peak RSS {idle:.0f} MB, then {ndjson_peak:.0f} MB"
+    over = ndjson + b"10\n" * (billing.MAX_JSON_VALUES - json_values(ndjson, ndjson=True))
+    assert json_values(over) < billing.MAX_JSON_VALUES == json_values(over, ndjson=True)  # its lines tip it over
+    response = push_ndjson(over)
+    assert response.status_code == 400, response.text[:500]
+    assert response.json() == {"error": f"body holds more than {billing.MAX_JSON_VALUES} JSON values "
+                                        "(the memory budget)"}
+    assert db.watermark("p") == at(0, 5)
 
     # Millions of empty objects: one per 3 bytes, each a 64-byte dict once parsed.
     over_budget = filled(hostile_page_doc(at(1, 5)), "{}", max_body - 4096)
@@ -1733,7 +1780,7 @@ def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gu
     response = requests.post(f"{g.url}/v1/ingest/snapshots", data=pushed_body, timeout=60,
                              headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert response.status_code == 400 and "JSON values" in response.json()["error"], response.text[:500]
-    assert db.buckets() == [] and db.watermark("p") is None
+    assert db.buckets() == [] and db.watermark("p") == at(0, 5)
 
     peak = peak_rss_mb(worker)
     print(f"\nhardening: peak RSS of the gunicorn worker after hostile pages and a hostile push: {peak:.0f} MB")
@@ -3099,6 +3146,298 @@ def test_collect_and_rate_with_a_body_is_400_and_runs_nothing(db, exporters, ser
     assert server.requests == [] and db.buckets() == []
     assert db.q("SELECT count(*) FROM billing_job_runs") == [(0,)]
     assert db.q("SELECT count(*) FROM billing_job_totals") == [(0,)]
+
+
+# Push across an untrusted network: floods, the NDJSON budget, PUSH_MAX_AGE,
+# what the open endpoints show, compressed bodies.
+
+class QuietDatabase:
+    """The service's database with no session of ours in it and autovacuum
+    paused (its workers' transactions count in pg_stat_database too), its
+    transaction counters read from the cluster's maintenance database, so
+    the reading session never counts itself."""
+
+    def __init__(self, cluster, db: Db):
+        self.cluster, self.db, self.name = cluster, db, db.url.rsplit("/", 1)[1]
+
+    def __enter__(self) -> "QuietDatabase":
+        self.admin = self.cluster.admin()
+        self._run("ALTER SYSTEM SET autovacuum = off")
+        self._run("SELECT pg_reload_conf()")
+        self.db.conn.close()  # a closed session flushes its statistics as it exits
+        wait_for(lambda: self._run("SELECT count(*) FROM pg_stat_activity WHERE datname = %s OR backend_type = "
+                                   "'autovacuum worker'", (self.name,))[0][0] == 0,
+                 what="no session in the service's database and no autovacuum worker")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run("ALTER SYSTEM RESET autovacuum")
+        self._run("SELECT pg_reload_conf()")
+        self.admin.close()
+        self.db.conn = psycopg2.connect(self.db.url)
+        self.db.conn.autocommit = True
+
+    def _run(self, sql, params=None):
+        with self.admin.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else None
+
+    def sessions(self) -> int:
+        return self._run("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.name,))[0][0]
+
+    def transactions(self) -> tuple[int, int]:
+        """(xact_commit, xact_rollback) as the statistics hold them now (no cached snapshot)."""
+        self._run("SELECT pg_stat_clear_snapshot()")
+        return tuple(self._run("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = %s",
+                               (self.name,))[0])
+
+
+def rejection_lines(server) -> list:
+    return [e for e in our_log_lines(server.output()) if e["event"] == "push_rejected"]
+
+
+def test_a_flood_of_wrong_token_pushes_costs_postgresql_nothing_and_logs_a_few_lines(cluster, db, gunicorns):
+    """Real gunicorn, one worker, no collector thread: 1000 pushes with a
+    token no push source has are each a 401, and the service's database
+    sees no transaction and no session meanwhile (its pg_stat_database
+    counters do not move). The next run writes the count:
+    billing_push_rejected_total{source_id=""} is 1000. The log has one
+    push_rejected line for them; a rejection 10 s later logs the next one,
+    counting every rejection left out in between."""
+    n = 1000
+    g = gunicorns(service_env(db, [push_source("p")]), workers=1)
+    wrong = {"Authorization": "Bearer wrong-Push-Token-0c4e8a", "Content-Type": "application/json"}
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 0)))
+    client = requests.Session()
+    with QuietDatabase(cluster, db) as quiet:
+        before = quiet.transactions()
+        began = time.monotonic()
+        answers = collections.Counter()
+        for _ in range(n):
+            response = client.post(g.url + PUSH_PATH, data=body, headers=wrong, timeout=10)
+            answers[response.status_code, response.json()["error"]] += 1
+        flood_seconds = time.monotonic() - began
+        assert answers == {(401, "missing or wrong push token"): n}
+        assert quiet.sessions() == 0  # the worker never even connected
+        assert quiet.transactions() == before
+        lines = rejection_lines(g)
+        assert 1 <= len(lines) <= 2 + flood_seconds // 10 and lines[0]["suppressed"] == 0, lines
+        assert all((e["source_id"], e["status"]) == ("", 401) for e in lines)
+
+        status, result = g.post()  # a run records what was counted in memory
+        assert (status, result["status"]) == (200, "ok"), result
+        wait_for(lambda: quiet.transactions()[0] > before[0], timeout=30,
+                 what="the run's transactions in pg_stat_database (the measurement sees the service)")
+    samples = parse_metrics(g.get("/metrics").text)[0]
+    assert metric(samples, "billing_push_rejected_total", source_id="") == n
+    assert metric(samples, "billing_push_received_total", source_id="") == n
+    assert db.q("SELECT source_id, outcome, pushes FROM billing_push_totals") == [("", "rejected", n)]
+    assert db.q("SELECT count(*) FROM billing_source_sync_state") == [(0,)]  # no source's row was touched
+
+    # The limiter's next line: a rejection at least 10 s after the last line, saying how many it left out.
+    sent = n
+    seen = len(rejection_lines(g))
+
+    def a_new_line():
+        nonlocal sent
+        response = client.post(g.url + PUSH_PATH, data=body, headers=wrong, timeout=10)
+        sent += 1
+        assert response.status_code == 401
+        return len(rejection_lines(g)) > seen
+
+    wait_for(a_new_line, timeout=40, interval=0.25, what="the next push_rejected line")
+    lines = rejection_lines(g)
+    assert len(lines) >= 2 and lines[-1]["suppressed"] > 0, lines
+    assert sum(1 + e["suppressed"] for e in lines) == sent  # every rejection logged or counted as left out
+    assert len(lines) <= 3 + (time.monotonic() - began) // 10
+    assert g.post()[1]["status"] == "ok"
+    samples = parse_metrics(g.get("/metrics").text)[0]
+    assert metric(samples, "billing_push_rejected_total", source_id="") == sent
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@bench
+def test_bench_a_flood_of_wrong_token_pushes(cluster, db, gunicorns):
+    """10,000 pushes with a wrong token from four clients against one
+    worker: the database's transaction counters, and the worker's CPU time."""
+    n, clients = 10000, 4
+    g = gunicorns(service_env(db, [push_source("p")]), workers=1)
+    worker, = worker_pids(g.proc.pid)
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 0)))
+
+    def flood(count):
+        session, statuses = requests.Session(), collections.Counter()
+        for _ in range(count):
+            statuses[session.post(g.url + PUSH_PATH, data=body, timeout=10, headers={
+                "Authorization": "Bearer wrong-Push-Token-0c4e8a", "Content-Type": "application/json"}).status_code] += 1
+        return statuses
+
+    with QuietDatabase(cluster, db) as quiet:
+        before, cpu, began = quiet.transactions(), process_cpu_seconds(worker), time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:
+            statuses = sum(pool.map(flood, [n // clients] * clients), collections.Counter())
+        elapsed, cpu = time.monotonic() - began, process_cpu_seconds(worker) - cpu
+        after, sessions = quiet.transactions(), quiet.sessions()
+    delta = (after[0] - before[0], after[1] - before[1])
+    lines = rejection_lines(g)
+    print(f"\npush flood: {n} wrong-token pushes in {elapsed:.1f} s ({n / elapsed:.0f}/s) from {clients} clients; "
+          f"worker CPU {cpu:.2f} s ({1000 * cpu / n:.3f} ms a push); xact_commit/xact_rollback delta {delta}; "
+          f"sessions in the database {sessions}; push_rejected log lines {len(lines)}")
+    assert statuses == {401: n} and delta == (0, 0) and sessions == 0
+
+
+def test_ndjson_is_held_to_the_json_values_budget_before_parsing_and_parsed_line_by_line(db, service):
+    """Each NDJSON line counts as a JSON value: MAX_JSON_VALUES lines of
+    "10" are refused naming the budget, before any line is parsed (one line
+    fewer is parsed, and its first line refused for what it is). Lines are
+    parsed one at a time: a broken line is named by its number; blank lines
+    and CRLF endings are fine, and application/ndjson is NDJSON too."""
+    db.add_users(A)
+    svc = service(db, [push_source("p")])
+    budget = f"body holds more than {billing.MAX_JSON_VALUES} JSON values (the memory budget)"
+    status, answer = push(svc, b"10\n" * billing.MAX_JSON_VALUES, content_type=NDJSON)
+    assert (status, answer) == (400, {"error": budget})
+    status, answer = push(svc, b"10\n" * (billing.MAX_JSON_VALUES - 1), content_type=NDJSON)
+    assert (status, answer) == (400, {"error": "malformed page: a snapshot is not an object"})
+    # The same values in a JSON array are counted by their commas alike.
+    status, answer = push(svc, b"[" + b"10," * (billing.MAX_JSON_VALUES - 1) + b"10]")
+    assert (status, answer) == (400, {"error": budget})
+
+    good = push_body([snap(at(1, 5), (A, "xhttp", 100, 0))], ndjson=True)
+    for body, line in ((good + b'{"collected_at": \n' + b"[1,\n", 2), (b"\n" + good + b"\n" + b"{]\n", 4)):
+        status, answer = push(svc, body, content_type=NDJSON)
+        assert (status, answer) == (400, {"error": f"malformed body: NDJSON line {line} is not JSON"}), body
+    assert nothing_written(db) and db.watermark("p") is None
+    two = push_body([snap(at(1, 5), (A, "xhttp", 100, 0)), snap(at(2, 5), (A, "xhttp", 150, 0))], ndjson=True)
+    status, result = push(svc, b"\r\n" + two.replace(b"\n", b"\r\n\r\n"), content_type="application/ndjson")
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 2), result
+    assert [b[7] for b in db.buckets()] == [100, 50] and db.watermark("p") == at(2, 5)
+
+
+def test_push_max_age_bounds_how_old_a_pushed_snapshot_may_be(db, service):
+    """PUSH_MAX_AGE (24h by default): a pushed snapshot older than that is a
+    400 naming PUSH_MAX_AGE and the pull source that delivers older history,
+    and refuses its whole body; 0 or off accepts any age; another value moves
+    the bound; a malformed value stops start-up naming the variable."""
+    db.add_users(A)
+    now = datetime.now(UTC).replace(microsecond=0)
+    old = snap(now - timedelta(hours=24, minutes=5), (A, "xhttp", 100, 0))
+    recent = snap(now - timedelta(hours=23, minutes=55), (A, "xhttp", 300, 0))
+    assert billing.load_config(base_env()).push_max_age == 86400
+    svc = service(db, [push_source("p")])
+    for body, content_type in ((push_body(old), "application/json"), (push_body([recent, old]), "application/json"),
+                               (push_body([recent, old], ndjson=True), NDJSON)):
+        status, answer = push(svc, body, content_type=content_type)
+        assert status == 400, answer
+        assert "older than PUSH_MAX_AGE (86400s)" in answer["error"] and "through a pull source" in answer["error"]
+    assert nothing_written(db) and db.watermark("p") is None
+
+    for value in ("off", "0"):
+        reset_database(db, [A])
+        status, result = push(service(db, [push_source("p")], PUSH_MAX_AGE=value), push_body(old))
+        assert (status, result["status"]) == (200, "ok"), (value, result)
+        assert [(b[0], b[7]) for b in db.buckets()] == [(billing.minute_floor(now - timedelta(hours=24, minutes=5)),
+                                                         100)], value
+
+    reset_database(db, [A])
+    hourly = service(db, [push_source("p")], PUSH_MAX_AGE="1h")
+    status, answer = push(hourly, push_body(snap(now - timedelta(minutes=61), (A, "xhttp", 100, 0))))
+    assert status == 400 and "older than PUSH_MAX_AGE (3600s)" in answer["error"], answer
+    status, result = push(hourly, push_body(snap(now - timedelta(minutes=59), (A, "xhttp", 100, 0))))
+    assert (status, result["status"]) == (200, "ok"), result
+
+    with pytest.raises(billing.ConfigError, match=r"^PUSH_MAX_AGE: not a duration like 90s"):
+        billing.load_config(base_env(PUSH_MAX_AGE="1x"))
+    done = run_gunicorn_until_exit(base_env(PUSH_MAX_AGE="1x", LISTEN_ADDR=f"127.0.0.1:{free_port()}"))
+    assert done.returncode != 0
+    assert "configuration error: PUSH_MAX_AGE: not a duration like 90s, 1m30s or 2h: '1x'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_open_endpoints_show_error_categories_and_the_token_shows_the_text(db, exporters, service):
+    """Without the job token /v1/status and /healthz show each error as its
+    category only (the texts name nodes and accounts); with it, the redacted
+    texts. A last_error an older release wrote (no category) shows as
+    internal."""
+    db.add_users(A)
+    wrong = exporters([snap(at(1, 5), (A, "", 100, 0))], node_id="node-Secret-71")
+    broken = exporters()
+    broken.fault = lambda query: (200, b'{"snapshots": [')
+    sources = [{"source_id": "down", "base_url": f"http://127.0.0.1:{free_port()}", "expected_node_id": NODE,
+                "expected_env": ENV}, source("wrong", wrong, expected_node_id=NODE), source("bad", broken),
+               push_source("p", node="node-p")]
+    for s in ("down", "wrong", "bad"):
+        db.set_watermark(s, at(-1))
+    older = f"malformed page: a snapshot of node-Secret-71 for account {A} has no node_id"
+    db.q("INSERT INTO billing_source_sync_state (source_id, last_error) VALUES ('p', %s)", (older,))
+    svc = service(db, sources)
+    status, result = svc.post()
+    assert (status, result["status"]) == (503, "error"), result
+    texts = {"down": "exporter_unreachable: could not connect to the exporter",
+             "wrong": "wrong_node: page of node_id 'node-Secret-71' env 'prod' is not what this source expects "
+                      "('node-a' env 'prod')",
+             "bad": "bad_page: malformed page: body is not JSON"}
+    categories = {"down": "exporter_unreachable", "wrong": "wrong_node", "bad": "bad_page"}
+    assert {s: v["error"] for s, v in by_source(result).items()} == texts  # the job token's answer: the texts
+
+    status, shown = svc.get("/v1/status")
+    assert status == 200
+    assert shown["error"] == "down: exporter_unreachable; wrong: wrong_node; bad: bad_page"
+    assert shown["errors"] == [{"source_id": s, "category": c} for s, c in categories.items()]
+    assert {s["source_id"]: (s["error"], s["last_error"]) for s in shown["source_statuses"]} == \
+        {s: (c, c) for s, c in categories.items()}
+    assert {s["source_id"]: s["last_error"] for s in shown["sources"]} == {**categories, "p": "internal"}
+    assert "Secret" not in json.dumps(shown) and A not in json.dumps(shown)
+    assert svc.get("/healthz") == (503, {"status": "error", "message": "last run failed: down: "
+                                         "exporter_unreachable; wrong: wrong_node; bad: bad_page"})
+
+    status, full = svc.get("/v1/status", token=TOKEN)
+    assert status == 200 and full["error"] == "; ".join(f"{s}: {t}" for s, t in texts.items())
+    assert [e["message"] for e in full["errors"]] == list(texts.values())
+    assert {s["source_id"]: s["last_error"] for s in full["sources"]} == {**texts, "p": older}
+    assert svc.get("/healthz", token=TOKEN) == (503, {"status": "error", "message": f"last run failed: {full['error']}"})
+    assert TOKEN not in json.dumps(full)
+
+
+def test_compressed_pushes_are_refused_and_ndjson_needs_its_content_type(db, service):
+    """Content-Encoding gzip (or any but identity) is a 415; gzip bytes sent
+    as plain JSON or NDJSON are a 400 saying gzip is not accepted; NDJSON sent
+    as application/json is a 400 naming the content type it needs. None of
+    them writes anything; the same snapshots sent as they should be bill."""
+    db.add_users(A)
+    svc = service(db, [push_source("p")])
+    lines = push_body([snap(at(1, 5), (A, "xhttp", 100, 0)), snap(at(2, 5), (A, "xhttp", 150, 0))], ndjson=True)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    packed = squeeze.compress(lines) + squeeze.flush()
+    assert packed[:2] == b"\x1f\x8b"
+
+    def post(body, content_type="application/json", token=TOKEN, encoding=None):
+        headers = {"Authorization": f"Bearer {token}"}
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+        response = svc.client.post(PUSH_PATH, data=body, content_type=content_type, headers=headers)
+        return response.status_code, response.get_json()
+
+    for encoding, name in (("gzip", "gzip"), ("GZIP ", "gzip"), ("deflate", "deflate")):
+        assert post(packed, NDJSON, encoding=encoding) == \
+            (415, {"error": f"{name} is not accepted; send identity (uncompressed)"}), encoding
+    assert post(packed, NDJSON, token="wrong-Push-Token-0c4e8a", encoding="gzip")[0] == 401
+    for content_type in ("application/json", NDJSON):
+        assert post(packed, content_type) == (400, {"error": "gzip is not accepted; send identity (uncompressed) JSON"})
+    assert post(lines) == (400, {"error": "body is not one JSON document: NDJSON needs Content-Type "
+                                          "application/x-ndjson"})
+    assert nothing_written(db) and db.watermark("p") is None
+    status, result = post(lines, NDJSON, encoding="identity")
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 2), result
+    assert db.watermark("p") == at(2, 5)
+    samples = metrics_of(svc)
+    assert metric(samples, "billing_push_rejected_total", source_id="p") == 6
 
 
 # HTTPS on the listener (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, served by gunicorn.conf.py).
