@@ -5349,6 +5349,252 @@ def test_written_minutes_counts_bucket_rows_and_counter_resets_are_reported(db, 
     assert metric(samples, "billing_written_minutes_total", job="collect-and-rate") == 15
 
 
+# Push across an untrusted network: the page slot shared by a catch-up and
+# pushes, counts and errors a run reports, a source held without progress.
+
+class HeldPages:
+    """An exporter fault hook that holds every page request until the test
+    lets it through: while one is held, the collecting worker waits between
+    two page transactions."""
+
+    def __init__(self, server):
+        self.server, self.previous = server, server.fault
+        self.arrived, self.go, self.open = threading.Semaphore(0), threading.Semaphore(0), False
+        server.fault = self._hook
+
+    def _hook(self, query):
+        if not self.open:
+            self.arrived.release()
+            self.go.acquire(timeout=60)
+        return self.previous(query) if self.previous else None
+
+    def remove(self) -> None:
+        self.open = True
+        for _ in range(100):
+            self.go.release()
+        self.server.fault = self.previous
+
+
+def sweep_waiting(db: Db) -> bool:
+    return db.q("""SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND wait_event_type = 'Lock' AND query LIKE '%%WITH due AS%%'""")[0][0] > 0
+
+
+def test_pushes_during_a_long_catch_up_take_the_page_slot_between_its_pages(db, exporters, gunicorns):
+    """One gunicorn worker catches up a backlog (48 snapshots of 300
+    accounts, pages of 4) while another node pushes to it: a push while the
+    catch-up waits for its next page is applied at once (the slot is held
+    for a page's parse and transaction only); a push as the page arrives
+    waits for that page at most; a push whose arrears sweep is held up by a
+    lock elsewhere has already left the slot: the catch-up's next page
+    commits meanwhile. Every push is a 200 (never 503 busy)."""
+    accounts = [account(n) for n in range(500, 800)]
+    db.add_users(*accounts, A, D)
+    db.q("INSERT INTO account_quota_states (account_uuid, remaining_included_quota, current_balance) "
+         "VALUES (%s, 0, -5)", (D,))  # a debtor: the sweep that ends a push takes its row
+    snapshots = backlog(NODE, accounts, 48, seed=5)
+    server = exporters(snapshots)
+    server.page_cap = 4
+    db.set_watermark("a", at(-41))
+    g = gunicorns(service_env(db, [source("a", server), push_source("p", node="node-p")]), workers=1)
+    gate = HeldPages(server)
+    pushed, latencies = [], []
+
+    def push_next() -> float:
+        stamp = at(0, len(pushed) + 1)
+        pushed.append(stamp)
+        began = time.monotonic()
+        response = requests.post(g.url + PUSH_PATH, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"},
+                                 data=push_body(snap(stamp, (A, "", 100 * len(pushed), 0)), node="node-p"))
+        took = time.monotonic() - began
+        assert response.status_code == 200 and response.json()["status"] == "ok", response.text[:500]
+        return took
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            run = pool.submit(g.post)
+
+            def next_page():
+                if gate.arrived.acquire(blocking=False):
+                    return "page"
+                return "done" if run.done() else None
+
+            held = 0
+            while wait_for(next_page, timeout=60, what="the next page request or the run's end") == "page":
+                held += 1
+                latencies.append(("waiting for its page", push_next()))
+                if held == 3:
+                    db.q("UPDATE account_quota_states SET arrears = false, arrears_since = NULL "
+                         "WHERE account_uuid = %s", (D,))  # due for the sweep again
+                    locker = psycopg2.connect(db.url)
+                    try:
+                        with locker.cursor() as cur:
+                            cur.execute("SELECT 1 FROM account_quota_states WHERE account_uuid = %s FOR UPDATE", (D,))
+                        stuck = pool.submit(push_next)
+                        wait_for(lambda: db.watermark("p") == pushed[-1] and sweep_waiting(db),
+                                 what="a push committed, its sweep waiting for a row lock")
+                        mark = db.watermark("a")
+                        gate.go.release()
+                        wait_for(lambda: db.watermark("a") > mark, timeout=20,
+                                 what="the catch-up's page to commit while the push's sweep waits")
+                        assert not stuck.done()
+                    finally:
+                        locker.close()
+                    stuck.result(timeout=60)
+                    continue
+                gate.go.release()
+                latencies.append(("as its page arrives", push_next()))
+            status, result = run.result(timeout=120)
+    finally:
+        gate.remove()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert held >= 10 and by_source(result)["a"]["pages"] == held, (held, result)
+    slow = [(when, round(took, 2)) for when, took in latencies if took > (2 if when == "waiting for its page" else 5)]
+    assert slow == [], slow
+    assert db.watermark("a") == billing.parse_time(snapshots[-1]["collected_at"])
+    assert db.watermark("p") == pushed[-1]
+    assert sum(row[7] for row in db.buckets() if row[1] == f"{ENV}:node-p") == 100 * len(pushed)
+
+
+def test_baselined_series_are_counted_in_the_result_the_run_log_and_metrics(db, exporters, service, app_log):
+    """first_sight "baseline": each new series' first sample is recorded,
+    not billed, and counted as baselined in the run (and its source's)
+    result, the JSON run log line and billing_baselined_total by job; a
+    push counts its own."""
+    db.add_users(A, B)
+    server = exporters([snap(at(1, 5), (A, "xhttp", 5000, 500), (A, "", 70, 0), (B, "", 700, 0)),
+                        snap(at(2, 5), (A, "xhttp", 5100, 510), (A, "", 90, 0), (B, "", 750, 0))])
+    db.set_watermark("a", at(-1))
+    svc = service(db, [source("a", server, first_sight="baseline"),
+                       push_source("p", node="node-p", first_sight="baseline")])
+    status, result = svc.post()
+    assert (status, result["status"], result["baselined"]) == (200, "ok", 3), result
+    assert by_source(result)["a"]["baselined"] == 3
+    assert sum(row[7] for row in db.buckets()) == 110 + 20 + 50  # the growth after the baselines only
+    run, = events(app_log, "run")
+    assert (run["status"], run["baselined"]) == ("ok", 3), run
+    status, result = push(svc, push_body([snap(at(1, 5), (A, "", 9000, 0)), snap(at(2, 5), (A, "", 9010, 0))],
+                                         node="node-p"))
+    assert (status, result["status"], result["baselined"]) == (200, "ok", 1), result
+    assert svc.post()[1]["baselined"] == 0  # nothing new: nothing counted twice
+    samples = metrics_of(svc)
+    assert metric(samples, "billing_baselined_total", job="collect-and-rate") == 3
+    assert metric(samples, "billing_baselined_total", job="push") == 1
+    assert db.q("SELECT job, sum(baselined) FROM billing_job_totals GROUP BY 1 ORDER BY 1") == \
+        [("collect-and-rate", 3), ("push", 1)]
+
+
+def sync_row(db: Db, source_id: str):
+    return db.one("""SELECT last_completed_until, last_succeeded_at, last_error FROM billing_source_sync_state
+                     WHERE source_id = %s""", (source_id,))
+
+
+def test_a_ranged_reconcile_never_clears_or_sets_the_last_error_of_normal_runs(db, exporters, service):
+    """A normal run fails: its last_error stays through a successful ranged
+    reconcile (which bills its window but says nothing about the source's
+    runs), on the row, /v1/status and /metrics; the next successful normal
+    run clears it; a failing ranged reconcile does not set it either."""
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 100, 0))])
+    server.fault = lambda query: (500, b'{"error": "down"}')
+    status, result = svc.post()
+    assert (status, result["status"]) == (503, "error"), result
+    failed = sync_row(db, "a")
+    assert failed[0] == at(-1) and failed[2] == "exporter_unreachable: exporter answered HTTP 500", failed
+
+    server.fault = server._cap
+    window = {"source_id": "a", "since": rfc(at(0)), "until": rfc(at(2))}
+    status, result = svc.post("reconcile", window)
+    assert (status, result["status"], result["written_minutes"]) == (200, "ok", 1), result
+    assert sync_row(db, "a") == failed
+    (view,) = svc.get("/v1/status", token=TOKEN)[1]["sources"]
+    assert view["last_error"] == failed[2]
+    assert metric(metrics_of(svc), "billing_source_last_attempt_failed", source_id="a") == 1
+
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    cleared = sync_row(db, "a")
+    assert cleared[0] == at(1, 5) and cleared[1] is not None and cleared[2] == "", cleared
+    assert metric(metrics_of(svc), "billing_source_last_attempt_failed", source_id="a") == 0
+
+    server.fault = lambda query: (500, b'{"error": "down"}')
+    status, result = svc.post("reconcile", window)
+    assert (status, result["status"]) == (503, "error"), result
+    assert sync_row(db, "a") == cleared
+
+
+def set_run_ages(db: Db, source_id: str, held: float, idle: float) -> None:
+    """The source's current run started ``held`` s ago and its watermark last moved ``idle`` s ago."""
+    db.q("""UPDATE billing_source_sync_state SET last_attempted_at = now() - make_interval(secs => %s),
+              updated_at = now() - make_interval(secs => %s) WHERE source_id = %s""", (held, idle, source_id))
+
+
+BUSY_STUCK = re.compile(r"busy: another writer has held this source for (\d+)s and not moved its watermark for "
+                        r"(\d+)s \(more than 3 x COLLECT_INTERVAL\)")
+
+
+def test_a_source_held_without_progress_for_over_3_intervals_is_partial_and_one_moving_is_busy(
+        db, exporters, service):
+    """COLLECT_INTERVAL=10s. Another writer holds the source: when it has
+    held it for more than 3 x 10 s and not moved the watermark for as long,
+    the run is partial with a busy: reason saying for how long (recorded;
+    the open view shows "busy"); when either is younger, or the holder keeps
+    moving the watermark through the HTTP run's wait, the source is just
+    busy: 409, nothing recorded."""
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 100, 0))], COLLECT_INTERVAL="10s")
+    collector = svc.app.extensions["billing_collector"]
+    holder = psycopg2.connect(db.url)
+    holder.autocommit = True
+    assert billing.try_lock_source(holder, "a")
+    try:
+        set_run_ages(db, "a", 600, 35)
+        result = collector.run("collect-and-rate", wait=0)
+        assert result["status"] == "partial" and by_source(result)["a"]["state"] == "partial", result
+        match = BUSY_STUCK.fullmatch(by_source(result)["a"]["error"])
+        assert match and 600 <= int(match[1]) < 610 and 35 <= int(match[2]) < 45, result
+        assert result["error"] == f"a: {match[0]}"
+        status, shown = svc.get("/v1/status")
+        assert (shown["status"], shown["error"]) == ("partial", "a: busy"), shown
+        assert svc.get("/v1/status", token=TOKEN)[1]["error"] == result["error"]
+        runs = db.q("SELECT count(*) FROM billing_job_runs")
+
+        for held, idle in ((600, 25), (25, 600)):
+            set_run_ages(db, "a", held, idle)
+            result = collector.run("collect-and-rate", wait=0)
+            assert result["status"] == "busy" and by_source(result)["a"]["error"] == "", (held, idle, result)
+        assert db.q("SELECT count(*) FROM billing_job_runs") == runs
+
+        # A holder still at work: it moves the watermark while the HTTP run waits BUSY_WAIT_SECONDS.
+        set_run_ages(db, "a", 600, 600)
+        stop = threading.Event()
+
+        def keep_moving():
+            mover = psycopg2.connect(db.url)
+            mover.autocommit = True  # each move committed at once, as a page transaction is
+            try:
+                with mover.cursor() as cur:
+                    while not stop.wait(0.5):
+                        cur.execute("""UPDATE billing_source_sync_state SET updated_at = now(),
+                                         last_completed_until = last_completed_until + interval '1 second'
+                                       WHERE source_id = 'a'""")
+            finally:
+                mover.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            moving = pool.submit(keep_moving)
+            try:
+                status, result = svc.post()
+            finally:
+                stop.set()
+            moving.result(timeout=10)
+        assert (status, result["status"], by_source(result)["a"]["error"]) == (409, "busy", ""), result
+        assert db.q("SELECT count(*) FROM billing_job_runs") == runs
+    finally:
+        holder.close()
+    assert server.requests == [] and db.buckets() == []
+
+
 def test_push_then_pull_of_the_same_node_bills_every_byte_once(db, exporters, service):
     """The pusher sent only some snapshots; the pull then delivers them all:
     each series is billed its true traffic once, and what the push already
