@@ -1683,11 +1683,13 @@ def hostile_page_doc(stamp) -> dict:
 
 def nested_values_page(stamp, values: int) -> tuple[bytes, int]:
     """A page just under ``values`` JSON values, each the costliest per value
-    json.loads builds: a one-key object (~184 bytes parsed) nested in the
-    next, so no comma is needed between them. Returns the body and the number
-    of samples (chains) in it."""
+    json.loads builds: a one-key object nested in the next, so no comma is
+    needed between them, each with a key of its own (json.loads shares a key
+    it has seen in the same document: ~240 bytes a value parsed, ~300 at the
+    parse's peak, against ~184 for one repeated key). Returns the body and
+    the number of samples (chains) in it."""
     depth = 800  # below the decoder's recursion limit, whatever the stack above it
-    chain = '{"k":' * depth + "0" + "}" * depth
+    chain = "".join(f'{{"k{level:05d}":' for level in range(depth)) + "0" + "}" * depth
     before, after = json.dumps(hostile_page_doc(stamp)).split('"@"')
     overhead = before.count(",") + before.count("[") + before.count("{") + after.count(",")
     chains = (values - overhead - 10) // (depth + 1)
@@ -1703,10 +1705,8 @@ def json_values(body: bytes, ndjson: bool = False) -> int:
 
 def costliest_ndjson(stamp, node: str, values: int) -> tuple[bytes, int]:
     """NDJSON snapshot lines just under ``values`` JSON values, each line's
-    one sample the costliest value per JSON value json.loads builds: one-key
-    objects nested in each other, each with a key of its own (json.loads
-    shares a key seen before in the same document: ~240 bytes a value parsed
-    against ~184 for a repeated key). Returns the body and its line count."""
+    one sample the costliest per JSON value json.loads builds (the chain of
+    nested_values_page). Returns the body and its line count."""
     depth = 800
     chain = "".join(f'{{"k{level:05d}":' for level in range(depth)) + "0" + "}" * depth
     line = json.dumps({"collected_at": rfc(stamp), "node_id": node, "env": ENV, "samples": ["@"]})
