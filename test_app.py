@@ -3270,7 +3270,8 @@ def test_bench_a_flood_of_wrong_token_pushes(cluster, db, gunicorns):
         session, statuses = requests.Session(), collections.Counter()
         for _ in range(count):
             statuses[session.post(g.url + PUSH_PATH, data=body, timeout=10, headers={
-                "Authorization": "Bearer wrong-Push-Token-0c4e8a", "Content-Type": "application/json"}).status_code] += 1
+                "Authorization": "Bearer wrong-Push-Token-0c4e8a",
+                "Content-Type": "application/json"}).status_code] += 1
         return statuses
 
     with QuietDatabase(cluster, db) as quiet:
@@ -3396,7 +3397,8 @@ def test_open_endpoints_show_error_categories_and_the_token_shows_the_text(db, e
     assert status == 200 and full["error"] == "; ".join(f"{s}: {t}" for s, t in texts.items())
     assert [e["message"] for e in full["errors"]] == list(texts.values())
     assert {s["source_id"]: s["last_error"] for s in full["sources"]} == {**texts, "p": older}
-    assert svc.get("/healthz", token=TOKEN) == (503, {"status": "error", "message": f"last run failed: {full['error']}"})
+    assert svc.get("/healthz", token=TOKEN) == (503, {"status": "error",
+                                                      "message": f"last run failed: {full['error']}"})
     assert TOKEN not in json.dumps(full)
 
 
