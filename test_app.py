@@ -1683,11 +1683,13 @@ def hostile_page_doc(stamp) -> dict:
 
 def nested_values_page(stamp, values: int) -> tuple[bytes, int]:
     """A page just under ``values`` JSON values, each the costliest per value
-    json.loads builds: a one-key object (~184 bytes parsed) nested in the
-    next, so no comma is needed between them. Returns the body and the number
-    of samples (chains) in it."""
+    json.loads builds: a one-key object nested in the next, so no comma is
+    needed between them, each with a key of its own (json.loads shares a key
+    it has seen in the same document: ~240 bytes a value parsed, ~300 at the
+    parse's peak, against ~184 for one repeated key). Returns the body and
+    the number of samples (chains) in it."""
     depth = 800  # below the decoder's recursion limit, whatever the stack above it
-    chain = '{"k":' * depth + "0" + "}" * depth
+    chain = "".join(f'{{"k{level:05d}":' for level in range(depth)) + "0" + "}" * depth
     before, after = json.dumps(hostile_page_doc(stamp)).split('"@"')
     overhead = before.count(",") + before.count("[") + before.count("{") + after.count(",")
     chains = (values - overhead - 10) // (depth + 1)
@@ -1696,12 +1698,34 @@ def nested_values_page(stamp, values: int) -> tuple[bytes, int]:
     return body, chains
 
 
+def json_values(body: bytes, ndjson: bool = False) -> int:
+    """What decode_json counts against MAX_JSON_VALUES."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + (body.count(b"\n") if ndjson else 0)
+
+
+def costliest_ndjson(stamp, node: str, values: int) -> tuple[bytes, int]:
+    """NDJSON snapshot lines just under ``values`` JSON values, each line's
+    one sample the costliest per JSON value json.loads builds (the chain of
+    nested_values_page). Returns the body and its line count."""
+    depth = 800
+    chain = "".join(f'{{"k{level:05d}":' for level in range(depth)) + "0" + "}" * depth
+    line = json.dumps({"collected_at": rfc(stamp), "node_id": node, "env": ENV, "samples": ["@"]})
+    line = line.replace('"@"', chain).encode() + b"\n"
+    lines = (values - 1) // json_values(line, ndjson=True)
+    body = line * lines
+    assert values - json_values(line, ndjson=True) < json_values(body, ndjson=True) < values
+    return body, lines
+
+
 def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gunicorns):
-    """Real gunicorn, one worker: a page just under MAX_BODY_BYTES made of
-    millions of empty objects fails its source cleanly (nothing written,
-    watermark kept); a page just under MAX_JSON_VALUES of the costliest values
-    is parsed (its samples skipped as invalid); a pushed body of the first kind
-    is a 400. The worker's peak RSS stays under 400 MB throughout."""
+    """Real gunicorn, one worker: an NDJSON push just under MAX_JSON_VALUES of
+    the costliest values is parsed a line at a time (the worker's peak RSS
+    hardly moves), one line more is a 400 naming the budget; a page just
+    under MAX_BODY_BYTES made of millions of empty objects fails its source
+    cleanly (nothing written, watermark kept); a page just under
+    MAX_JSON_VALUES of the costliest values is parsed (its samples skipped as
+    invalid); a pushed body of the first kind is a 400. The worker's peak RSS
+    stays under 400 MB throughout."""
     db.add_users(A)
     server = exporters()
     db.set_watermark("a", at(-1))
@@ -1709,6 +1733,29 @@ def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gu
     g = gunicorns(service_env(db, [source("a", server), push]), workers=1)
     worker, = worker_pids(g.proc.pid)
     max_body = 16 * 1024 * 1024
+
+    # First, while the worker's peak is still its own: NDJSON of the costliest lines, all of them parsed.
+    def push_ndjson(body):
+        return requests.post(f"{g.url}/v1/ingest/snapshots", data=body, timeout=60,
+                             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": NDJSON})
+
+    assert push_ndjson(push_body(snap(at(0, 1)), node="node-p", ndjson=True)).status_code == 200  # warmed up
+    idle = peak_rss_mb(worker)
+    ndjson, lines = costliest_ndjson(at(0, 5), "node-p", billing.MAX_JSON_VALUES)
+    response = push_ndjson(ndjson)
+    assert response.status_code == 200, response.text[:500]
+    assert (response.json()["status"], response.json()["invalid_samples"]) == ("partial", lines), response.text[:500]
+    ndjson_peak = peak_rss_mb(worker)
+    print(f"\nhardening: peak RSS of the worker before and after an NDJSON push of {lines} lines "
+          f"({json_values(ndjson, ndjson=True)} JSON values, {len(ndjson)} bytes): {idle:.0f} MB, {ndjson_peak:.0f} MB")
+    assert ndjson_peak - idle < 40, f"worker peak RSS {idle:.0f} MB, then {ndjson_peak:.0f} MB"
+    over = ndjson + b"10\n" * (billing.MAX_JSON_VALUES - json_values(ndjson, ndjson=True))
+    assert json_values(over) < billing.MAX_JSON_VALUES == json_values(over, ndjson=True)  # its lines tip it over
+    response = push_ndjson(over)
+    assert response.status_code == 400, response.text[:500]
+    assert response.json() == {"error": f"body holds more than {billing.MAX_JSON_VALUES} JSON values "
+                                        "(the memory budget)"}
+    assert db.watermark("p") == at(0, 5)
 
     # Millions of empty objects: one per 3 bytes, each a 64-byte dict once parsed.
     over_budget = filled(hostile_page_doc(at(1, 5)), "{}", max_body - 4096)
@@ -1733,7 +1780,7 @@ def test_hostile_pages_and_bodies_keep_the_worker_under_400_mb(db, exporters, gu
     response = requests.post(f"{g.url}/v1/ingest/snapshots", data=pushed_body, timeout=60,
                              headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     assert response.status_code == 400 and "JSON values" in response.json()["error"], response.text[:500]
-    assert db.buckets() == [] and db.watermark("p") is None
+    assert db.buckets() == [] and db.watermark("p") == at(0, 5)
 
     peak = peak_rss_mb(worker)
     print(f"\nhardening: peak RSS of the gunicorn worker after hostile pages and a hostile push: {peak:.0f} MB")
@@ -3099,6 +3146,295 @@ def test_collect_and_rate_with_a_body_is_400_and_runs_nothing(db, exporters, ser
     assert server.requests == [] and db.buckets() == []
     assert db.q("SELECT count(*) FROM billing_job_runs") == [(0,)]
     assert db.q("SELECT count(*) FROM billing_job_totals") == [(0,)]
+
+
+# Push across an untrusted network: floods, the NDJSON budget, PUSH_MAX_AGE,
+# what the open endpoints show, compressed bodies.
+
+class QuietDatabase:
+    """The service's database with no session of ours in it and autovacuum
+    paused (its workers' transactions count in pg_stat_database too), its
+    transaction counters read from the cluster's maintenance database, so
+    the reading session never counts itself."""
+
+    def __init__(self, cluster, db: Db):
+        self.cluster, self.db, self.name = cluster, db, db.url.rsplit("/", 1)[1]
+
+    def __enter__(self) -> "QuietDatabase":
+        self.admin = self.cluster.admin()
+        try:
+            self._run("ALTER SYSTEM SET autovacuum = off")
+            self._run("SELECT pg_reload_conf()")
+            self.db.conn.close()  # a closed session flushes its statistics as it exits
+            wait_for(lambda: self.sessions() == 0, what="no session (nor autovacuum worker) in the service's database")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run("ALTER SYSTEM RESET autovacuum")
+        self._run("SELECT pg_reload_conf()")
+        self.admin.close()
+        self.db.conn = psycopg2.connect(self.db.url)
+        self.db.conn.autocommit = True
+
+    def _run(self, sql, params=None):
+        with self.admin.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else None
+
+    def sessions(self) -> int:
+        return self._run("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.name,))[0][0]
+
+    def transactions(self) -> tuple[int, int]:
+        """(xact_commit, xact_rollback) as the statistics hold them now (no cached snapshot)."""
+        self._run("SELECT pg_stat_clear_snapshot()")
+        return tuple(self._run("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = %s",
+                               (self.name,))[0])
+
+
+def rejection_lines(server) -> list:
+    return [e for e in our_log_lines(server.output()) if e["event"] == "push_rejected"]
+
+
+def test_a_flood_of_wrong_token_pushes_costs_postgresql_nothing_and_logs_a_few_lines(cluster, db, gunicorns):
+    """Real gunicorn, one worker, no collector thread: 1000 pushes with a
+    token no push source has are each a 401 and log one push_rejected line;
+    the limiter's next line, for a rejection 10 s later, counts every one it
+    left out. Meanwhile the service's database has no session and its
+    pg_stat_database transaction counters do not move (read after the
+    statistics' 10 s flush delay). The next run writes the count:
+    billing_push_rejected_total{source_id=""} is every rejection."""
+    n = 1000
+    g = gunicorns(service_env(db, [push_source("p")]), workers=1)
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 0)))
+    client, sent = requests.Session(), 0
+
+    def push_wrong():
+        nonlocal sent
+        response = client.post(g.url + PUSH_PATH, data=body, timeout=10, headers={
+            "Authorization": "Bearer wrong-Push-Token-0c4e8a", "Content-Type": "application/json"})
+        sent += 1
+        return response.status_code, response.json()["error"]
+
+    with QuietDatabase(cluster, db) as quiet:
+        before = quiet.transactions()
+        began = time.monotonic()
+        answers = collections.Counter(push_wrong() for _ in range(n))
+        flood_seconds = time.monotonic() - began
+        assert answers == {(401, "missing or wrong push token"): n}
+        lines = rejection_lines(g)
+        assert 1 <= len(lines) <= 2 + flood_seconds // 10 and lines[0]["suppressed"] == 0, lines
+        assert (quiet.sessions(), quiet.transactions()) == (0, before)
+
+        # The limiter's next line: a rejection at least 10 s after the last line, saying how many it left out.
+        seen = len(lines)
+        wait_for(lambda: push_wrong()[0] == 401 and len(rejection_lines(g)) > seen, timeout=40, interval=0.25,
+                 what="the next push_rejected line")
+        lines = rejection_lines(g)
+        assert all((e["source_id"], e["status"]) == ("", 401) for e in lines)
+        assert len(lines) >= 2 and lines[-1]["suppressed"] > 0, lines
+        assert sum(1 + e["suppressed"] for e in lines) == sent  # each rejection logged or counted as left out
+        assert len(lines) <= 3 + (time.monotonic() - began) // 10 and sent < n + 100
+        assert (quiet.sessions(), quiet.transactions()) == (0, before)  # the worker never even connected
+
+        status, result = g.post()  # a run records what was counted in memory
+        assert (status, result["status"]) == (200, "ok"), result
+        wait_for(lambda: quiet.transactions()[0] > before[0], timeout=30,
+                 what="the run's transactions in pg_stat_database (the measurement sees the service)")
+    samples = parse_metrics(g.get("/metrics").text)[0]
+    assert metric(samples, "billing_push_rejected_total", source_id="") == sent
+    assert metric(samples, "billing_push_received_total", source_id="") == sent
+    assert db.q("SELECT source_id, outcome, pushes FROM billing_push_totals") == [("", "rejected", sent)]
+    assert db.q("SELECT count(*) FROM billing_source_sync_state") == [(0,)]  # no source's row was touched
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@bench
+def test_bench_a_flood_of_wrong_token_pushes(cluster, db, gunicorns):
+    """10,000 pushes with a wrong token from four clients against one
+    worker: the database's transaction counters, and the worker's CPU time."""
+    n, clients = 10000, 4
+    g = gunicorns(service_env(db, [push_source("p")]), workers=1)
+    worker, = worker_pids(g.proc.pid)
+    body = push_body(snap(at(1, 5), (A, "xhttp", 100, 0)))
+
+    def flood(count):
+        session, statuses = requests.Session(), collections.Counter()
+        for _ in range(count):
+            statuses[session.post(g.url + PUSH_PATH, data=body, timeout=10, headers={
+                "Authorization": "Bearer wrong-Push-Token-0c4e8a",
+                "Content-Type": "application/json"}).status_code] += 1
+        return statuses
+
+    with QuietDatabase(cluster, db) as quiet:
+        before, cpu, began = quiet.transactions(), process_cpu_seconds(worker), time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:
+            statuses = sum(pool.map(flood, [n // clients] * clients), collections.Counter())
+        elapsed, cpu = time.monotonic() - began, process_cpu_seconds(worker) - cpu
+        after, sessions = quiet.transactions(), quiet.sessions()
+    delta = (after[0] - before[0], after[1] - before[1])
+    lines = rejection_lines(g)
+    print(f"\npush flood: {n} wrong-token pushes in {elapsed:.1f} s ({n / elapsed:.0f}/s) from {clients} clients; "
+          f"worker CPU {cpu:.2f} s ({1000 * cpu / n:.3f} ms a push); xact_commit/xact_rollback delta {delta}; "
+          f"sessions in the database {sessions}; push_rejected log lines {len(lines)}")
+    assert statuses == {401: n} and delta == (0, 0) and sessions == 0
+
+
+def test_ndjson_is_held_to_the_json_values_budget_before_parsing_and_parsed_line_by_line(db, service):
+    """Each NDJSON line counts as a JSON value: MAX_JSON_VALUES lines of
+    "10" are refused naming the budget, before any line is parsed (one line
+    fewer is parsed, and its first line refused for what it is). Lines are
+    parsed one at a time: a broken line is named by its number; blank lines
+    and CRLF endings are fine, and application/ndjson is NDJSON too."""
+    db.add_users(A)
+    svc = service(db, [push_source("p")])
+    budget = f"body holds more than {billing.MAX_JSON_VALUES} JSON values (the memory budget)"
+    status, answer = push(svc, b"10\n" * billing.MAX_JSON_VALUES, content_type=NDJSON)
+    assert (status, answer) == (400, {"error": budget})
+    status, answer = push(svc, b"10\n" * (billing.MAX_JSON_VALUES - 1), content_type=NDJSON)
+    assert (status, answer) == (400, {"error": "malformed page: a snapshot is not an object"})
+    # The same values in a JSON array are counted by their commas alike.
+    status, answer = push(svc, b"[" + b"10," * (billing.MAX_JSON_VALUES - 1) + b"10]")
+    assert (status, answer) == (400, {"error": budget})
+
+    good = push_body([snap(at(1, 5), (A, "xhttp", 100, 0))], ndjson=True)
+    for body, line in ((good + b'{"collected_at": \n' + b"[1,\n", 2), (b"\n" + good + b"\n" + b"{]\n", 4)):
+        status, answer = push(svc, body, content_type=NDJSON)
+        assert (status, answer) == (400, {"error": f"malformed body: NDJSON line {line} is not JSON"}), body
+    assert nothing_written(db) and db.watermark("p") is None
+    two = push_body([snap(at(1, 5), (A, "xhttp", 100, 0)), snap(at(2, 5), (A, "xhttp", 150, 0))], ndjson=True)
+    status, result = push(svc, b"\r\n" + two.replace(b"\n", b"\r\n\r\n"), content_type="application/ndjson")
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 2), result
+    assert [b[7] for b in db.buckets()] == [100, 50] and db.watermark("p") == at(2, 5)
+
+
+def test_push_max_age_bounds_how_old_a_pushed_snapshot_may_be(db, service):
+    """PUSH_MAX_AGE (24h by default): a pushed snapshot older than that is a
+    400 naming PUSH_MAX_AGE and the pull source that delivers older history,
+    and refuses its whole body; 0 or off accepts any age; another value moves
+    the bound; a malformed value stops start-up naming the variable."""
+    db.add_users(A)
+    now = datetime.now(UTC).replace(microsecond=0)
+    old = snap(now - timedelta(hours=24, minutes=5), (A, "xhttp", 100, 0))
+    recent = snap(now - timedelta(hours=23, minutes=55), (A, "xhttp", 300, 0))
+    assert billing.load_config(base_env()).push_max_age == 86400
+    svc = service(db, [push_source("p")])
+    for body, content_type in ((push_body(old), "application/json"), (push_body([recent, old]), "application/json"),
+                               (push_body([recent, old], ndjson=True), NDJSON)):
+        status, answer = push(svc, body, content_type=content_type)
+        assert status == 400, answer
+        assert "older than PUSH_MAX_AGE (86400s)" in answer["error"] and "through a pull source" in answer["error"]
+    assert nothing_written(db) and db.watermark("p") is None
+
+    for value in ("off", "0"):
+        reset_database(db, [A])
+        status, result = push(service(db, [push_source("p")], PUSH_MAX_AGE=value), push_body(old))
+        assert (status, result["status"]) == (200, "ok"), (value, result)
+        assert [(b[0], b[7]) for b in db.buckets()] == [(billing.minute_floor(now - timedelta(hours=24, minutes=5)),
+                                                         100)], value
+
+    reset_database(db, [A])
+    hourly = service(db, [push_source("p")], PUSH_MAX_AGE="1h")
+    status, answer = push(hourly, push_body(snap(now - timedelta(minutes=61), (A, "xhttp", 100, 0))))
+    assert status == 400 and "older than PUSH_MAX_AGE (3600s)" in answer["error"], answer
+    status, result = push(hourly, push_body(snap(now - timedelta(minutes=59), (A, "xhttp", 100, 0))))
+    assert (status, result["status"]) == (200, "ok"), result
+
+    with pytest.raises(billing.ConfigError, match=r"^PUSH_MAX_AGE: not a duration like 90s"):
+        billing.load_config(base_env(PUSH_MAX_AGE="1x"))
+    done = run_gunicorn_until_exit(base_env(PUSH_MAX_AGE="1x", LISTEN_ADDR=f"127.0.0.1:{free_port()}"))
+    assert done.returncode != 0
+    assert "configuration error: PUSH_MAX_AGE: not a duration like 90s, 1m30s or 2h: '1x'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_open_endpoints_show_error_categories_and_the_token_shows_the_text(db, exporters, service):
+    """Without the job token /v1/status and /healthz show each error as its
+    category only (the texts name nodes and accounts); with it, the redacted
+    texts. A last_error an older release wrote (no category) shows as
+    internal."""
+    db.add_users(A)
+    wrong = exporters([snap(at(1, 5), (A, "", 100, 0))], node_id="node-Secret-71")
+    broken = exporters()
+    broken.fault = lambda query: (200, b'{"snapshots": [')
+    sources = [{"source_id": "down", "base_url": f"http://127.0.0.1:{free_port()}", "expected_node_id": NODE,
+                "expected_env": ENV}, source("wrong", wrong, expected_node_id=NODE), source("bad", broken),
+               push_source("p", node="node-p")]
+    for s in ("down", "wrong", "bad"):
+        db.set_watermark(s, at(-1))
+    older = f"malformed page: a snapshot of node-Secret-71 for account {A} has no node_id"
+    db.q("INSERT INTO billing_source_sync_state (source_id, last_error) VALUES ('p', %s)", (older,))
+    svc = service(db, sources)
+    status, result = svc.post()
+    assert (status, result["status"]) == (503, "error"), result
+    texts = {"down": "exporter_unreachable: could not connect to the exporter",
+             "wrong": "wrong_node: page of node_id 'node-Secret-71' env 'prod' is not what this source expects "
+                      "('node-a' env 'prod')",
+             "bad": "bad_page: malformed page: body is not JSON"}
+    categories = {"down": "exporter_unreachable", "wrong": "wrong_node", "bad": "bad_page"}
+    assert {s: v["error"] for s, v in by_source(result).items()} == texts  # the job token's answer: the texts
+
+    status, shown = svc.get("/v1/status")
+    assert status == 200
+    assert shown["error"] == "down: exporter_unreachable; wrong: wrong_node; bad: bad_page"
+    assert shown["errors"] == [{"source_id": s, "category": c} for s, c in categories.items()]
+    assert {s["source_id"]: (s["error"], s["last_error"]) for s in shown["source_statuses"]} == \
+        {s: (c, c) for s, c in categories.items()}
+    assert {s["source_id"]: s["last_error"] for s in shown["sources"]} == {**categories, "p": "internal"}
+    assert "Secret" not in json.dumps(shown) and A not in json.dumps(shown)
+    assert svc.get("/healthz") == (503, {"status": "error", "message": "last run failed: down: "
+                                         "exporter_unreachable; wrong: wrong_node; bad: bad_page"})
+
+    status, full = svc.get("/v1/status", token=TOKEN)
+    assert status == 200 and full["error"] == "; ".join(f"{s}: {t}" for s, t in texts.items())
+    assert [e["message"] for e in full["errors"]] == list(texts.values())
+    assert {s["source_id"]: s["last_error"] for s in full["sources"]} == {**texts, "p": older}
+    assert svc.get("/healthz", token=TOKEN) == (503, {"status": "error",
+                                                      "message": f"last run failed: {full['error']}"})
+    assert TOKEN not in json.dumps(full)
+
+
+def test_compressed_pushes_are_refused_and_ndjson_needs_its_content_type(db, service):
+    """Content-Encoding gzip (or any but identity) is a 415; gzip bytes sent
+    as plain JSON or NDJSON are a 400 saying gzip is not accepted; NDJSON sent
+    as application/json is a 400 naming the content type it needs. None of
+    them writes anything; the same snapshots sent as they should be bill."""
+    db.add_users(A)
+    svc = service(db, [push_source("p")])
+    lines = push_body([snap(at(1, 5), (A, "xhttp", 100, 0)), snap(at(2, 5), (A, "xhttp", 150, 0))], ndjson=True)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
+    packed = squeeze.compress(lines) + squeeze.flush()
+    assert packed[:2] == b"\x1f\x8b"
+
+    def post(body, content_type="application/json", token=TOKEN, encoding=None):
+        headers = {"Authorization": f"Bearer {token}"}
+        if encoding is not None:
+            headers["Content-Encoding"] = encoding
+        response = svc.client.post(PUSH_PATH, data=body, content_type=content_type, headers=headers)
+        return response.status_code, response.get_json()
+
+    for encoding, name in (("gzip", "gzip"), ("GZIP ", "gzip"), ("deflate", "deflate")):
+        assert post(packed, NDJSON, encoding=encoding) == \
+            (415, {"error": f"{name} is not accepted; send identity (uncompressed)"}), encoding
+    assert post(packed, NDJSON, token="wrong-Push-Token-0c4e8a", encoding="gzip")[0] == 401
+    for content_type in ("application/json", NDJSON):
+        assert post(packed, content_type) == (400, {"error": "gzip is not accepted; send identity (uncompressed) JSON"})
+    assert post(lines) == (400, {"error": "body is not one JSON document: NDJSON needs Content-Type "
+                                          "application/x-ndjson"})
+    assert nothing_written(db) and db.watermark("p") is None
+    status, result = post(lines, NDJSON, encoding="identity")
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", 2), result
+    assert db.watermark("p") == at(2, 5)
+    samples = metrics_of(svc)
+    assert metric(samples, "billing_push_rejected_total", source_id="p") == 6
 
 
 # HTTPS on the listener (TLS_CERT_FILE, TLS_KEY_FILE, TLS_CLIENT_CA_FILE, served by gunicorn.conf.py).
@@ -5009,6 +5345,252 @@ def test_written_minutes_counts_bucket_rows_and_counter_resets_are_reported(db, 
     samples = metrics_of(svc)
     assert metric(samples, "billing_counter_resets_total", job="collect-and-rate") == 1
     assert metric(samples, "billing_written_minutes_total", job="collect-and-rate") == 15
+
+
+# Push across an untrusted network: the page slot shared by a catch-up and
+# pushes, counts and errors a run reports, a source held without progress.
+
+class HeldPages:
+    """An exporter fault hook that holds every page request until the test
+    lets it through: while one is held, the collecting worker waits between
+    two page transactions."""
+
+    def __init__(self, server):
+        self.server, self.previous = server, server.fault
+        self.arrived, self.go, self.open = threading.Semaphore(0), threading.Semaphore(0), False
+        server.fault = self._hook
+
+    def _hook(self, query):
+        if not self.open:
+            self.arrived.release()
+            self.go.acquire(timeout=60)
+        return self.previous(query) if self.previous else None
+
+    def remove(self) -> None:
+        self.open = True
+        for _ in range(100):
+            self.go.release()
+        self.server.fault = self.previous
+
+
+def sweep_waiting(db: Db) -> bool:
+    return db.q("""SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                   AND wait_event_type = 'Lock' AND query LIKE '%%WITH due AS%%'""")[0][0] > 0
+
+
+def test_pushes_during_a_long_catch_up_take_the_page_slot_between_its_pages(db, exporters, gunicorns):
+    """One gunicorn worker catches up a backlog (48 snapshots of 300
+    accounts, pages of 4) while another node pushes to it: a push while the
+    catch-up waits for its next page is applied at once (the slot is held
+    for a page's parse and transaction only); a push as the page arrives
+    waits for that page at most; a push whose arrears sweep is held up by a
+    lock elsewhere has already left the slot: the catch-up's next page
+    commits meanwhile. Every push is a 200 (never 503 busy)."""
+    accounts = [account(n) for n in range(500, 800)]
+    db.add_users(*accounts, A, D)
+    db.q("INSERT INTO account_quota_states (account_uuid, remaining_included_quota, current_balance) "
+         "VALUES (%s, 0, -5)", (D,))  # a debtor: the sweep that ends a push takes its row
+    snapshots = backlog(NODE, accounts, 48, seed=5)
+    server = exporters(snapshots)
+    server.page_cap = 4
+    db.set_watermark("a", at(-41))
+    g = gunicorns(service_env(db, [source("a", server), push_source("p", node="node-p")]), workers=1)
+    gate = HeldPages(server)
+    pushed, latencies = [], []
+
+    def push_next() -> float:
+        stamp = at(0, len(pushed) + 1)
+        pushed.append(stamp)
+        began = time.monotonic()
+        response = requests.post(g.url + PUSH_PATH, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"},
+                                 data=push_body(snap(stamp, (A, "", 100 * len(pushed), 0)), node="node-p"))
+        took = time.monotonic() - began
+        assert response.status_code == 200 and response.json()["status"] == "ok", response.text[:500]
+        return took
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            run = pool.submit(g.post)
+
+            def next_page():
+                if gate.arrived.acquire(blocking=False):
+                    return "page"
+                return "done" if run.done() else None
+
+            held = 0
+            while wait_for(next_page, timeout=60, what="the next page request or the run's end") == "page":
+                held += 1
+                latencies.append(("waiting for its page", push_next()))
+                if held == 3:
+                    db.q("UPDATE account_quota_states SET arrears = false, arrears_since = NULL "
+                         "WHERE account_uuid = %s", (D,))  # due for the sweep again
+                    locker = psycopg2.connect(db.url)
+                    try:
+                        with locker.cursor() as cur:
+                            cur.execute("SELECT 1 FROM account_quota_states WHERE account_uuid = %s FOR UPDATE", (D,))
+                        stuck = pool.submit(push_next)
+                        wait_for(lambda: db.watermark("p") == pushed[-1] and sweep_waiting(db),
+                                 what="a push committed, its sweep waiting for a row lock")
+                        mark = db.watermark("a")
+                        gate.go.release()
+                        wait_for(lambda: db.watermark("a") > mark, timeout=20,
+                                 what="the catch-up's page to commit while the push's sweep waits")
+                        assert not stuck.done()
+                    finally:
+                        locker.close()
+                    stuck.result(timeout=60)
+                    continue
+                gate.go.release()
+                latencies.append(("as its page arrives", push_next()))
+            status, result = run.result(timeout=120)
+    finally:
+        gate.remove()
+    assert (status, result["status"]) == (200, "ok"), result
+    assert held >= 10 and by_source(result)["a"]["pages"] == held, (held, result)
+    slow = [(when, round(took, 2)) for when, took in latencies if took > (3 if when == "waiting for its page" else 6)]
+    assert slow == [], slow
+    assert db.watermark("a") == billing.parse_time(snapshots[-1]["collected_at"])
+    assert db.watermark("p") == pushed[-1]
+    assert sum(row[7] for row in db.buckets() if row[1] == f"{ENV}:node-p") == 100 * len(pushed)
+
+
+def test_baselined_series_are_counted_in_the_result_the_run_log_and_metrics(db, exporters, service, app_log):
+    """first_sight "baseline": each new series' first sample is recorded,
+    not billed, and counted as baselined in the run (and its source's)
+    result, the JSON run log line and billing_baselined_total by job; a
+    push counts its own."""
+    db.add_users(A, B)
+    server = exporters([snap(at(1, 5), (A, "xhttp", 5000, 500), (A, "", 70, 0), (B, "", 700, 0)),
+                        snap(at(2, 5), (A, "xhttp", 5100, 510), (A, "", 90, 0), (B, "", 750, 0))])
+    db.set_watermark("a", at(-1))
+    svc = service(db, [source("a", server, first_sight="baseline"),
+                       push_source("p", node="node-p", first_sight="baseline")])
+    status, result = svc.post()
+    assert (status, result["status"], result["baselined"]) == (200, "ok", 3), result
+    assert by_source(result)["a"]["baselined"] == 3
+    assert sum(row[7] for row in db.buckets()) == 110 + 20 + 50  # the growth after the baselines only
+    run, = events(app_log, "run")
+    assert (run["status"], run["baselined"]) == ("ok", 3), run
+    status, result = push(svc, push_body([snap(at(1, 5), (A, "", 9000, 0)), snap(at(2, 5), (A, "", 9010, 0))],
+                                         node="node-p"))
+    assert (status, result["status"], result["baselined"]) == (200, "ok", 1), result
+    assert svc.post()[1]["baselined"] == 0  # nothing new: nothing counted twice
+    samples = metrics_of(svc)
+    assert metric(samples, "billing_baselined_total", job="collect-and-rate") == 3
+    assert metric(samples, "billing_baselined_total", job="push") == 1
+    assert db.q("SELECT job, sum(baselined) FROM billing_job_totals GROUP BY 1 ORDER BY 1") == \
+        [("collect-and-rate", 3), ("push", 1)]
+
+
+def sync_row(db: Db, source_id: str):
+    return db.one("""SELECT last_completed_until, last_succeeded_at, last_error FROM billing_source_sync_state
+                     WHERE source_id = %s""", (source_id,))
+
+
+def test_a_ranged_reconcile_never_clears_or_sets_the_last_error_of_normal_runs(db, exporters, service):
+    """A normal run fails: its last_error stays through a successful ranged
+    reconcile (which bills its window but says nothing about the source's
+    runs), on the row, /v1/status and /metrics; the next successful normal
+    run clears it; a failing ranged reconcile does not set it either."""
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 100, 0))])
+    server.fault = lambda query: (500, b'{"error": "down"}')
+    status, result = svc.post()
+    assert (status, result["status"]) == (503, "error"), result
+    failed = sync_row(db, "a")
+    assert failed[0] == at(-1) and failed[2] == "exporter_unreachable: exporter answered HTTP 500", failed
+
+    server.fault = server._cap
+    window = {"source_id": "a", "since": rfc(at(0)), "until": rfc(at(2))}
+    status, result = svc.post("reconcile", window)
+    assert (status, result["status"], result["written_minutes"]) == (200, "ok", 1), result
+    assert sync_row(db, "a") == failed
+    (view,) = svc.get("/v1/status", token=TOKEN)[1]["sources"]
+    assert view["last_error"] == failed[2]
+    assert metric(metrics_of(svc), "billing_source_last_attempt_failed", source_id="a") == 1
+
+    status, result = svc.post()
+    assert (status, result["status"]) == (200, "ok"), result
+    cleared = sync_row(db, "a")
+    assert cleared[0] == at(1, 5) and cleared[1] is not None and cleared[2] == "", cleared
+    assert metric(metrics_of(svc), "billing_source_last_attempt_failed", source_id="a") == 0
+
+    server.fault = lambda query: (500, b'{"error": "down"}')
+    status, result = svc.post("reconcile", window)
+    assert (status, result["status"]) == (503, "error"), result
+    assert sync_row(db, "a") == cleared
+
+
+def set_run_ages(db: Db, source_id: str, held: float, idle: float) -> None:
+    """The source's current run started ``held`` s ago and its watermark last moved ``idle`` s ago."""
+    db.q("""UPDATE billing_source_sync_state SET last_attempted_at = now() - make_interval(secs => %s),
+              updated_at = now() - make_interval(secs => %s) WHERE source_id = %s""", (held, idle, source_id))
+
+
+BUSY_STUCK = re.compile(r"busy: another writer has held this source for (\d+)s and not moved its watermark for "
+                        r"(\d+)s \(more than 3 x COLLECT_INTERVAL\)")
+
+
+def test_a_source_held_without_progress_for_over_3_intervals_is_partial_and_one_moving_is_busy(
+        db, exporters, service):
+    """COLLECT_INTERVAL=10s. Another writer holds the source: when it has
+    held it for more than 3 x 10 s and not moved the watermark for as long,
+    the run is partial with a busy: reason saying for how long (recorded;
+    the open view shows "busy"); when either is younger, or the holder keeps
+    moving the watermark through the HTTP run's wait, the source is just
+    busy: 409, nothing recorded."""
+    db.add_users(A)
+    server, svc = one_source(db, exporters, service, [snap(at(1, 5), (A, "", 100, 0))], COLLECT_INTERVAL="10s")
+    collector = svc.app.extensions["billing_collector"]
+    holder = psycopg2.connect(db.url)
+    holder.autocommit = True
+    assert billing.try_lock_source(holder, "a")
+    try:
+        set_run_ages(db, "a", 600, 35)
+        result = collector.run("collect-and-rate", wait=0)
+        assert result["status"] == "partial" and by_source(result)["a"]["state"] == "partial", result
+        match = BUSY_STUCK.fullmatch(by_source(result)["a"]["error"])
+        assert match and 600 <= int(match[1]) < 610 and 35 <= int(match[2]) < 45, result
+        assert result["error"] == f"a: {match[0]}"
+        status, shown = svc.get("/v1/status")
+        assert (shown["status"], shown["error"]) == ("partial", "a: busy"), shown
+        assert svc.get("/v1/status", token=TOKEN)[1]["error"] == result["error"]
+        runs = db.q("SELECT count(*) FROM billing_job_runs")
+
+        for held, idle in ((600, 25), (25, 600)):
+            set_run_ages(db, "a", held, idle)
+            result = collector.run("collect-and-rate", wait=0)
+            assert result["status"] == "busy" and by_source(result)["a"]["error"] == "", (held, idle, result)
+        assert db.q("SELECT count(*) FROM billing_job_runs") == runs
+
+        # A holder still at work: it moves the watermark while the HTTP run waits BUSY_WAIT_SECONDS.
+        set_run_ages(db, "a", 600, 600)
+        stop = threading.Event()
+
+        def keep_moving():
+            mover = psycopg2.connect(db.url)
+            mover.autocommit = True  # each move committed at once, as a page transaction is
+            try:
+                with mover.cursor() as cur:
+                    while not stop.wait(0.5):
+                        cur.execute("""UPDATE billing_source_sync_state SET updated_at = now(),
+                                         last_completed_until = last_completed_until + interval '1 second'
+                                       WHERE source_id = 'a'""")
+            finally:
+                mover.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            moving = pool.submit(keep_moving)
+            try:
+                status, result = svc.post()
+            finally:
+                stop.set()
+            moving.result(timeout=10)
+        assert (status, result["status"], by_source(result)["a"]["error"]) == (409, "busy", ""), result
+        assert db.q("SELECT count(*) FROM billing_job_runs") == runs
+    finally:
+        holder.close()
+    assert server.requests == [] and db.buckets() == []
 
 
 def test_push_then_pull_of_the_same_node_bills_every_byte_once(db, exporters, service):
