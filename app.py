@@ -498,10 +498,11 @@ MAX_PAGE_LIMIT = 120  # snapshots per page, the exporter protocol's page size
 PAGE_SAMPLE_TARGET = 50000  # samples per pulled page: bounds memory, amortizes per-page work
 # A worker's memory: a page or pushed body is parsed and written holding PAGE_SLOT,
 # one at a time per process; only raw bodies (at most MAX_BODY_BYTES each) wait
-# outside it. json.loads costs up to ~190 bytes per JSON value (a nested one-key
-# object; {} and [] take 25 times their text), and a body holds at most one value
-# per comma, opening bracket or NDJSON line, plus one: a parse stays under
-# ~130 MB. Writing holds ~2.5 KB a sample: ~250 MB at MAX_PAGE_SAMPLES.
+# outside it. json.loads costs up to ~300 bytes per JSON value at its peak (one-key
+# objects nested with a different key each; {} and [] take 25 times their text),
+# and a body holds at most one value per comma, opening bracket or NDJSON line,
+# plus one: a parse stays under ~210 MB. Writing holds ~2.5 KB a sample: ~250 MB
+# at MAX_PAGE_SAMPLES.
 MAX_JSON_VALUES = 700_000
 MAX_PAGE_SAMPLES = 100_000
 PAGE_SLOT = threading.Lock()
@@ -1409,7 +1410,8 @@ def error_category(text: str) -> str:
 
 def open_view(run: dict) -> dict:
     """A run result as the endpoints without a token show it: each error's category, never its text."""
-    errors = [{"source_id": e["source_id"], "category": e["category"]} for e in run.get("errors", [])]
+    errors = [{"source_id": e["source_id"], "category": e["category"]} for e in run.get(
+        "errors", [{"source_id": "", "category": "internal"}] if run.get("error") else [])]  # older releases: no errors
     return {**run, "error": "; ".join(f"{e['source_id']}: {e['category']}" if e["source_id"] else e["category"]
                                       for e in errors), "errors": errors,
             "source_statuses": [{**s, "error": error_category(s.get("error", "")),
@@ -1944,8 +1946,7 @@ class Collector:
                     if budget <= 0 else "interrupted: the worker is stopping; the next run continues")
                 break
             cursor = page.next_cursor
-        completed = None if window or run.state == "partial" else (
-            last_at if last_at is not None and last_at < until else until)
+        completed = None if window or run.state == "partial" else min(last_at or until, until)
         run.watermark = (write_sync_state(conn, sid) if window else
                          write_sync_state(conn, sid, completed, None if run.state == "partial" else utcnow(), ""))
 
@@ -1984,12 +1985,12 @@ class Collector:
 
     # -- pushes ------------------------------------------------------------------
 
-    def reject(self, code: int, source_id: str, reason: str, remote_addr=None) -> tuple[int, dict]:
+    def reject(self, code: int, source_id: str, reason: str, remote_addr=None, category="bad_page") -> tuple[int, dict]:
         """A refused push: counted in memory, its log line rate-limited; nothing touches PostgreSQL."""
         with self._counts_lock:
             self._pushes[(source_id, "rejected")] += 1
             if source_id:
-                self._push_errors[source_id] = (f"bad_page: push rejected: {reason}", utcnow())
+                self._push_errors[source_id] = (f"{category}: push rejected: {reason}", utcnow())
         self._log_rejection("push_rejected", (source_id, code), source_id=source_id, status=code, reason=reason,
                             remote_addr=remote_addr)
         return code, {"error": reason}
@@ -2014,7 +2015,7 @@ class Collector:
                 self._fail(run, exc, sorted(newest))
             del page  # nothing parsed outlives the slot
         except ExporterError as exc:
-            return self.reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc), remote_addr)
+            return self.reject(403 if isinstance(exc, WrongNode) else 400, owner, str(exc), remote_addr, exc.category)
         finally:
             PAGE_SLOT.release()
         result = summarize("push", started, [run], self.sweep())
