@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 import zlib
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -35,14 +36,13 @@ import flask
 import psycopg2  # with psycopg2.errors and psycopg2.extensions
 import requests
 import urllib3
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, HTTPException, RequestEntityTooLarge
 
 UTC = timezone.utc
 MINUTE = timedelta(minutes=1)
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+utcnow = functools.partial(datetime.now, UTC)
 
 
 # ---- config: environment variables, validated strictly at startup ----------
@@ -396,7 +396,7 @@ def load_config(environ) -> Config:
                           f"{quantum * EXACT_RANGE} in magnitude, got {balance}")
     taken = set(KNOWN_VARIABLES) | {s.token_env for s in sources}
     for name in sorted(set(environ) - taken):
-        near = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.85)
+        near = difflib.get_close_matches(name.upper(), KNOWN_VARIABLES, n=1, cutoff=0.85)
         if near:
             warnings.append(f"{name} is not a billing-service variable: did you mean {near[0]}? (it is ignored)")
     return Config(
@@ -632,12 +632,9 @@ def parse_snapshot(page: Page, raw, sources, node_default: str = "", env_default
     page.sample_count += len(raw_samples)
     if page.sample_count > MAX_PAGE_SAMPLES:
         raise ExporterError(f"page holds more than {MAX_PAGE_SAMPLES} samples (the memory budget)", "budget")
-    samples = []
-    for parsed in map(parse_sample, raw_samples):
-        if type(parsed) is str:
-            page.invalid[parsed] += 1
-        else:
-            samples.append(parsed)
+    parsed = list(map(parse_sample, raw_samples))
+    page.invalid.update(reason for reason in parsed if type(reason) is str)
+    samples = [sample for sample in parsed if type(sample) is not str]
     series = collections.Counter((s.account, s.inbound_tag) for s in samples)
     if len(series) < len(samples):  # one series twice: neither value can be trusted, in any order
         page.invalid["duplicate"] += sum(count for count in series.values() if count > 1)
@@ -706,9 +703,8 @@ class ExporterClient:
             token = self.token.get()
         except ValueError as exc:
             raise ExporterError(str(exc), "token") from None
-        params = {"since": format_time(since), "until": format_time(until), "limit": str(limit)}
-        if cursor:
-            params["cursor"] = cursor  # verbatim: exporters compare it to the nanosecond
+        params = {"since": format_time(since), "until": format_time(until), "limit": str(limit),
+                  **({"cursor": cursor} if cursor else {})}  # the cursor verbatim: exporters compare it to the ns
         # identity: a compressed body would be unpacked before the size cap could see it.
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", "Authorization": f"Bearer {token}"}
         timeout = self.source.timeout_seconds
@@ -840,8 +836,7 @@ def _sql(conn, sql: str, params=(), commit: bool = True) -> list:
     return rows
 
 
-def db_error_text(exc: psycopg2.Error) -> str:
-    # Short and safe: libpq's connection errors name hosts, ports, users and paths (open endpoints show this).
+def db_error_text(exc: psycopg2.Error) -> str:  # libpq's connection errors name hosts, ports, users, paths
     return f"database: {type(exc).__name__}" if exc.pgcode else "database: unavailable"
 
 
@@ -884,6 +879,12 @@ def lock_key(name: str) -> int:
 def try_lock_source(conn, source_id: str) -> bool:
     """One writer per source: a session lock, released when the connection closes."""
     return _sql(conn, "SELECT pg_try_advisory_lock(%s, %s)", (_SOURCE_LOCKS, lock_key(source_id)))[0][0]
+
+
+def unlock_source(conn, source_id: str) -> None:
+    """At once: a closed connection's backend lets go of its locks only when it exits (after the answer)."""
+    conn.rollback()
+    _sql(conn, "SELECT pg_advisory_unlock(%s, %s)", (_SOURCE_LOCKS, lock_key(source_id)))
 
 
 def source_run_age(conn, source_id: str) -> tuple[float, float]:
@@ -1025,12 +1026,13 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
         if buckets:
             _copy(cur, "page_buckets", [(b.bucket_start, b.node_id, b.account, b.line_code, b.uplink, b.downlink,
                                          b.multiplier, b.version) for b in buckets])
-            # Bytes accumulate: a second sample of a minute adds, never overwrites.
+            # Bytes accumulate: a second sample of a minute adds, never overwrites. Rows go in account order
+            # here and in the ledger: an account's rows of a page share a leaf of the account-first index.
             cur.execute("""
                 INSERT INTO traffic_minute_buckets AS t (bucket_start, node_id, account_uuid, region, line_code,
                   uplink_bytes, downlink_bytes, total_bytes, multiplier, rating_status, source_revision)
                 SELECT bucket_start, node_id, account_uuid, %s, line_code, uplink, downlink, uplink + downlink,
-                  multiplier, 'rated', source_revision FROM page_buckets
+                  multiplier, 'rated', source_revision FROM page_buckets ORDER BY account_uuid
                 ON CONFLICT (bucket_start, node_id, account_uuid, region, line_code) DO UPDATE SET
                   uplink_bytes = t.uplink_bytes + EXCLUDED.uplink_bytes, downlink_bytes = t.downlink_bytes +
                   EXCLUDED.downlink_bytes, total_bytes = t.total_bytes + EXCLUDED.total_bytes, multiplier =
@@ -1043,7 +1045,8 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                 INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
                   amount_delta, balance_after, pricing_rule_version, created_at)
                 SELECT id, account_uuid, bucket_start, bucket_start + interval '1 minute', 'traffic_charge',
-                  rated_bytes, amount_delta, balance_after, version, clock_timestamp() FROM page_ledger ORDER BY seq""")
+                  rated_bytes, amount_delta, balance_after, version, clock_timestamp() FROM page_ledger
+                ORDER BY account_uuid, seq""")
         if checkpoints:
             _copy(cur, "page_checkpoints", [(key, account, c.uplink, c.downlink, c.last_seen_at, c.reset_epoch)
                                             for (key, account), c in checkpoints.items()])
@@ -1222,13 +1225,9 @@ def series_key(storage: str, inbound_tag: str) -> str:
 
 def page_series(snapshots) -> list:
     """(series key, storage node, account) of every series in a page, and each (node, account)'s plain key."""
-    keys = {}
-    for snap in snapshots:
-        node = snap.storage_node
-        for s in snap.samples:
-            keys[series_key(node, s.inbound_tag), node, s.account] = None
-            keys[node, node, s.account] = None
-    return list(keys)
+    return list(dict.fromkeys(key for snap in snapshots for s in snap.samples for key in (
+        (series_key(snap.storage_node, s.inbound_tag), snap.storage_node, s.account),
+        (snap.storage_node, snap.storage_node, s.account))))
 
 
 def ledger_id(bucket_start: datetime, node: str, account: str, region: str, line_code: str,
@@ -1397,10 +1396,6 @@ _HTTP_STATUS = {"ok": 200, "partial": 200, "error": 503, "busy": 409}
 # Every error text starts with its category, one word, all that the open endpoints show (the text can
 # name nodes and accounts); text written by an older release has none and shows as "internal".
 _CATEGORY = re.compile(r"[a-z_]+(?=: )")
-
-
-class BadRequest(ValueError):
-    pass
 
 
 def error_category(text: str) -> str:
@@ -1600,7 +1595,7 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     @app.errorhandler(HTTPException)
     def http_error(exc):
         allow = [header for header in exc.get_headers() if header[0] == "Allow"]  # a 405 says what is allowed
-        return flask.jsonify(error=exc.description if exc.code == 413 else exc.name.lower()), exc.code, allow
+        return flask.jsonify(error=exc.description if exc.code in (400, 413) else exc.name.lower()), exc.code, allow
 
     @app.errorhandler(psycopg2.Error)
     def database_error(exc):  # the routes that read the database answer 503 when it does not
@@ -1640,10 +1635,7 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
     def job_endpoint(job: str):
         if not has_job_token():
             return unauthorized()
-        try:
-            source_ids, window = parse_job_body(job, read_body(MAX_REQUEST_BYTES), config, utcnow())
-        except BadRequest as exc:
-            return flask.jsonify(error=str(exc)), 400
+        source_ids, window = parse_job_body(job, read_body(MAX_REQUEST_BYTES), config, utcnow())  # else a 400
         result = run_job(job, source_ids, window)
         return flask.jsonify(result), _HTTP_STATUS[result["status"]]
 
@@ -1690,10 +1682,10 @@ def make_wsgi_app(config: Config, db: Database, started: datetime, run_job, inge
         today, args = minute_floor(utcnow()).replace(hour=0, minute=0), flask.request.args
         try:
             account = str(uuid.UUID(account))
-            since, until = parse_range(args.get("since", format_time(today)),
-                                       args.get("until", format_time(today + timedelta(days=1))), MAX_ACCOUNT_RANGE)
-        except (ValueError, BadRequest) as exc:
-            return flask.jsonify(error=str(exc) if isinstance(exc, BadRequest) else "not an account UUID"), 400
+        except ValueError:
+            flask.abort(400, "not an account UUID")
+        since, until = parse_range(args.get("since", format_time(today)),
+                                   args.get("until", format_time(today + timedelta(days=1))), MAX_ACCOUNT_RANGE)
         found = read_db(lambda conn: read_account(conn, account, since, until))
         if found is None:
             return flask.jsonify(error="no such account (no users row)"), 404
@@ -1881,7 +1873,11 @@ class Collector:
                                          f"its watermark for {idle:.0f}s (more than 3 x COLLECT_INTERVAL)")
                         return run
                     time.sleep(0.2)
-                self._collect_locked(conn, source, window, run)
+                try:
+                    self._collect_locked(conn, source, window, run)
+                finally:
+                    with contextlib.suppress(psycopg2.Error):
+                        unlock_source(conn, source.source_id)
         except Exception as exc:  # one source's surprise never stops the others
             self._fail(run, exc, [] if window else [source.source_id])
         return run
@@ -1899,12 +1895,9 @@ class Collector:
             error = f"internal: unexpected {type(exc).__name__}: {exc}"
         run.state, run.error = "failed", self.config.secrets.redact(error, 500)
         log_event(self.config.secrets, "source_failed", source_id=run.source_id, error=run.error)
-        try:
-            with self.db.connection() as conn:
-                for source_id in source_ids:
-                    run.watermark = write_sync_state(conn, source_id, error=run.error)
-        except psycopg2.Error:
-            pass  # the database is what failed; the run result still says why
+        with contextlib.suppress(psycopg2.Error), self.db.connection() as conn:  # if the database is what failed,
+            for source_id in source_ids:  # the run result still says why
+                run.watermark = write_sync_state(conn, source_id, error=run.error)
 
     def _collect_locked(self, conn, source: Source, window, run: SourceRun) -> None:
         sid, client = source.source_id, self.clients[source.source_id]
@@ -2053,10 +2046,14 @@ class Collector:
             self._stop.wait(max(1.0, self.config.collect_interval - (time.monotonic() - begun)))
 
 
-def announce(config: Config) -> None:
+def announce(config: Config, **settings) -> None:
     """Start-up (gunicorn's arbiter): the effective configuration, one JSON line, and its likely mistakes."""
-    log_event(config.secrets, "config", **{f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
-                                           if f.name not in ("service_token", "tokens", "secrets", "warnings")})
+    dsn = psycopg2.extensions.parse_dsn(config.database_url)
+    if "password" in dsn:  # masked here too: one too short for Secrets to redact would show
+        dsn["password"] = "***"
+    log_event(config.secrets, "config", database_url=psycopg2.extensions.make_dsn(**dsn), **settings, **{
+        f.name: getattr(config, f.name) for f in dataclasses.fields(Config)
+        if f.name not in ("database_url", "service_token", "tokens", "secrets", "warnings")})
     for warning in config.warnings:
         log_event(config.secrets, "config_warning", message=warning)
 

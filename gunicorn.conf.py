@@ -32,7 +32,7 @@ try:
     workers = billing._number(os.environ, "WEB_CONCURRENCY", 2, int, minimum=1)
     _config = billing.load_config(os.environ)
     if __name__ != "__main__":  # gunicorn's arbiter, once (the launcher only checks the variables)
-        billing.announce(_config)  # the effective configuration, and what looks like a mistake in it
+        billing.announce(_config, workers=workers)  # the effective configuration, and its likely mistakes
         billing.check_database(_config)  # the grants it needs, named in one line when missing
 except billing.ConfigError as exc:
     # Fail before any worker forks, with the variable named and no traceback.

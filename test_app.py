@@ -14,6 +14,7 @@ import grp
 import http.client
 
 import collections
+import glob
 import json
 import logging
 import os
@@ -1027,6 +1028,327 @@ def test_peak_and_arrears_config_values_that_are_accepted():
     assert billing.load_config(base_env()).suspend_after == 336 * 3600
     for value, seconds in (("1h", 3600), ("90m", 5400), ("off", 0), ("0", 0)):
         assert billing.load_config(base_env(ARREARS_SUSPEND_THRESHOLD=value)).suspend_after == seconds
+
+
+# -- an operator's first hour: typos, the effective configuration, zero prices, grants --
+
+# Near misses of the service's variables, and what the operator meant.
+TYPOS = {"PRICE_PER_BYT": "PRICE_PER_BYTE", "EXPORTER_SOURCE_JSON": "EXPORTER_SOURCES_JSON",
+         "COLLECT_INTERVALL": "COLLECT_INTERVAL", "WEB_CONCURENCY": "WEB_CONCURRENCY",
+         "INTERNAL_SERVICE_TOKN": "INTERNAL_SERVICE_TOKEN"}
+# What a shell, systemd (the unit, socket activation, the journal) and gunicorn put beside ours.
+UNRELATED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/var/lib/billing-service", "LANG": "C.UTF-8",
+                 "LC_ALL": "C.UTF-8", "TZ": "UTC", "USER": "billing", "LOGNAME": "billing", "SHELL": "/bin/sh",
+                 "PWD": "/opt/billing-service", "TERM": "xterm", "PYTHONUNBUFFERED": "1",
+                 "PYTHONDONTWRITEBYTECODE": "1", "INVOCATION_ID": "0f3c2a9e5d8b4c7a9e1f2d3c4b5a6978",
+                 "JOURNAL_STREAM": "8:123456", "SYSTEMD_EXEC_PID": "4242", "NOTIFY_SOCKET": "/run/systemd/notify",
+                 "LISTEN_FDS": "1", "LISTEN_PID": "4242", "GUNICORN_CMD_ARGS": "--log-level info",
+                 "SERVER_SOFTWARE": "gunicorn/23.0.0"}
+TYPO_SECRET = "tok-Typo-Secret-0a1b2c3d4e"  # a value meant for a mistyped variable may well be a secret
+
+
+def variable_names(message: str) -> set:
+    """The environment variable names a message mentions (whole words: PRICE_PER_BYT is not PRICE_PER_BYTE)."""
+    return set(re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", message))
+
+
+@pytest.mark.parametrize("typo, meant", TYPOS.items())
+def test_a_variable_named_close_to_one_of_ours_is_a_warning_naming_both(typo, meant, app_log):
+    billing.announce(billing.load_config(base_env(**{typo: TYPO_SECRET}, **UNRELATED_ENV)))
+    (warning,) = events(app_log, "config_warning")
+    assert variable_names(warning["message"]) == {typo, meant}, warning
+    assert "ignored" in warning["message"]
+    assert_no_secret({"log": "\n".join(app_log)}, [TYPO_SECRET, TOKEN])
+
+
+def test_variables_of_the_shell_systemd_and_gunicorn_are_no_warning(app_log):
+    billing.announce(billing.load_config(base_env(**UNRELATED_ENV)))
+    assert [e["event"] for e in map(json.loads, app_log)] == ["config"]
+
+
+def test_several_typos_are_one_warning_each(app_log):
+    billing.announce(billing.load_config(base_env(**dict.fromkeys(TYPOS, TYPO_SECRET), **UNRELATED_ENV)))
+    named = [variable_names(w["message"]) for w in events(app_log, "config_warning")]
+    assert sorted(named, key=sorted) == sorted(({t, m} for t, m in TYPOS.items()), key=sorted)
+
+
+@pytest.mark.parametrize("typo, meant", [("price_per_byte", "PRICE_PER_BYTE"),
+                                         ("Collect_Interval", "COLLECT_INTERVAL")])
+def test_a_variable_that_differs_from_one_of_ours_only_in_case_is_a_warning(typo, meant, app_log):
+    config = billing.load_config(base_env(**{typo: "0.5"}))
+    assert config.price_per_byte == 0 and config.collect_interval == 60  # ignored, as said
+    billing.announce(config)
+    warnings = [w["message"] for w in events(app_log, "config_warning")]
+    assert len(warnings) == 1 and variable_names(warnings[0]) >= {meant}, warnings
+    assert typo in warnings[0]
+
+
+# Every variable of the service (KNOWN_VARIABLES) and where the start-up line shows it. The tokens are
+# secrets: never shown. WEB_CONCURRENCY is gunicorn's (see the worker count test below).
+CONFIG_KEY_OF = {"DATABASE_URL": "database_url", "EXPORTER_SOURCES_JSON": "sources", "EXPORTER_BASE_URL": "sources",
+                 "LISTEN_ADDR": "listen_addr", "COLLECT_INTERVAL": "collect_interval", "DEFAULT_REGION": "region",
+                 "SOURCE_REVISION": "source_revision", "PRICE_PER_BYTE": "price_per_byte",
+                 "INITIAL_INCLUDED_QUOTA_BYTES": "initial_included_quota", "INITIAL_BALANCE": "initial_balance",
+                 "IMAGE": "image", "MAX_PAGES_PER_RUN": "max_pages_per_run", "MAX_BODY_BYTES": "max_body_bytes",
+                 "PEAK_HOURS": "peak", "PEAK_TIMEZONE": "peak", "ARREARS_SUSPEND_THRESHOLD": "suspend_after",
+                 "MONEY_QUANTUM": "quantum", "PUSH_MAX_AGE": "push_max_age", "TLS_CERT_FILE": "tls",
+                 "TLS_KEY_FILE": "tls", "TLS_CLIENT_CA_FILE": "tls"}
+
+
+def test_the_effective_configuration_is_one_json_line_with_every_setting_and_no_secret(
+        app_log, listener_pki, tmp_path):
+    token_file = tmp_path / "exporter-token"
+    token_file.write_text(SECRET_FILE_TOKEN + "\n")
+    port = free_port()
+    sources = [{"source_id": "jp", "base_url": "http://127.0.0.1:9100/", "expected_node_id": "jp-1",
+                "expected_env": "prod", "token_env": "JP_EXPORTER_TOKEN", "timeout_seconds": 5},
+               {"source_id": "de", "base_url": "https://de.example.com:9443", "token_file": str(token_file),
+                "first_sight": "baseline", "enabled": False},
+               {"source_id": "p", "mode": "push", "expected_node_id": "p-1", "expected_env": "prod",
+                "token_env": "P_PUSH_TOKEN"}]
+    env = {"DATABASE_URL": f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{port}/account",
+           "INTERNAL_SERVICE_TOKEN": TOKEN, "EXPORTER_SOURCES_JSON": json.dumps(sources),
+           "JP_EXPORTER_TOKEN": SOURCE_TOKEN, "P_PUSH_TOKEN": SECRET_ENV_TOKEN, "LISTEN_ADDR": "127.0.0.1:18081",
+           "COLLECT_INTERVAL": "1m30s", "DEFAULT_REGION": "jp", "SOURCE_REVISION": "rev-7",
+           "PRICE_PER_BYTE": "0.0000013", "INITIAL_INCLUDED_QUOTA_BYTES": "1000", "INITIAL_BALANCE": "2.5",
+           "IMAGE": "r.example.com/billing-service:v7", "MAX_PAGES_PER_RUN": "50", "MAX_BODY_BYTES": "1048576",
+           "PEAK_HOURS": "22:00-02:00", "PEAK_TIMEZONE": "Asia/Tokyo", "ARREARS_SUSPEND_THRESHOLD": "48h",
+           "MONEY_QUANTUM": "0.0001", "PUSH_MAX_AGE": "1h", "TLS_CERT_FILE": listener_pki.cert,
+           "TLS_KEY_FILE": listener_pki.key, "TLS_CLIENT_CA_FILE": listener_pki.ca, **UNRELATED_ENV}
+    assert set(CONFIG_KEY_OF) | {"INTERNAL_SERVICE_TOKEN", "WEB_CONCURRENCY"} == set(billing.KNOWN_VARIABLES)
+    assert set(CONFIG_KEY_OF) - set(env) == {"EXPORTER_BASE_URL"}  # every setting away from its default
+    billing.announce(billing.load_config(env))
+    assert len(app_log) == 1, app_log  # one line, and no warning
+    line = json.loads(app_log[0])
+    assert line.pop("event") == "config" and billing.parse_time(line.pop("time")) is not None
+    assert set(line) == set(CONFIG_KEY_OF.values())
+    # The DSN with its password masked (in whatever form): every other part as given.
+    masked = psycopg2.extensions.parse_dsn(line.pop("database_url"))
+    assert masked == {**psycopg2.extensions.parse_dsn(env["DATABASE_URL"]), "password": "***"}
+    source_defaults = {"mode": "pull", "base_url": "", "expected_node_id": "", "expected_env": "", "enabled": True,
+                       "first_sight": "bill", "timeout_seconds": 15.0, "token_file": "", "token_env": "",
+                       "ca_bundle": "", "client_cert": "", "client_key": "", "allow_plain_http": False}
+    assert line == {
+        "sources": [{**source_defaults, "source_id": "jp", "base_url": "http://127.0.0.1:9100/",
+                     "expected_node_id": "jp-1", "expected_env": "prod", "token_env": "JP_EXPORTER_TOKEN",
+                     "timeout_seconds": 5.0},
+                    {**source_defaults, "source_id": "de", "base_url": "https://de.example.com:9443",
+                     "token_file": str(token_file), "first_sight": "baseline", "enabled": False},
+                    {**source_defaults, "source_id": "p", "mode": "push", "expected_node_id": "p-1",
+                     "expected_env": "prod", "token_env": "P_PUSH_TOKEN"}],
+        "listen_addr": "127.0.0.1:18081", "collect_interval": 90.0, "region": "jp", "source_revision": "rev-7",
+        "price_per_byte": "0.0000013", "initial_included_quota": 1000, "initial_balance": "2.5",
+        "image": "r.example.com/billing-service:v7", "max_pages_per_run": 50, "max_body_bytes": 1048576,
+        "peak": {"start": 22 * 60, "end": 2 * 60, "zone": "Asia/Tokyo"}, "suspend_after": 48 * 3600.0,
+        "quantum": "0.0001", "push_max_age": 3600.0,
+        "tls": [listener_pki.cert, listener_pki.key, listener_pki.ca]}
+    assert_no_secret({"config line": app_log[0]}, [DB_PASSWORD, TOKEN, SOURCE_TOKEN, SECRET_ENV_TOKEN,
+                                                   SECRET_FILE_TOKEN])
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://billing:{pw}@db.example:5432/account",
+                                 "host=db.example port=5432 user=billing password={pw} dbname=account"])
+@pytest.mark.parametrize("password", ["abc", "Q7"])
+def test_the_config_line_shows_no_database_password_however_short(dsn, password, app_log):
+    billing.announce(billing.load_config(base_env(DATABASE_URL=dsn.format(pw=password))))
+    (line,) = events(app_log, "config")
+    shown = psycopg2.extensions.parse_dsn(line["database_url"])
+    assert shown["host"] == "db.example" and shown.get("password") != password, line["database_url"]
+
+
+def test_the_config_line_shows_the_worker_count(monkeypatch, app_log):
+    load_gunicorn_conf(monkeypatch, WEB_CONCURRENCY="3",
+                       DATABASE_URL=f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/account")
+    (line,) = events(app_log, "config")
+    assert 3 in [value for key, value in line.items() if key in ("workers", "web_concurrency")], line
+
+
+def first_line_index(lines: list, text: str) -> int:
+    return next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_gunicorn_logs_the_configuration_and_a_typo_once_from_the_arbiter(db, exporters, gunicorns):
+    """Two workers, one `config` line and one `config_warning`: both written by the arbiter while it
+    reads gunicorn.conf.py, before "Starting gunicorn", not by each worker as it boots."""
+    server = exporters([])
+    env = service_env(db, [source("a", server, token_env="A_EXPORTER_TOKEN")], A_EXPORTER_TOKEN=SOURCE_TOKEN,
+                      PRICE_PER_BYT=TYPO_SECRET, HOME="/var/lib/billing-service", LANG="C.UTF-8")
+    g = gunicorns(env, workers=2, split_streams=True)
+    booted(g, 2)
+    assert requests.get(g.url + "/healthz", timeout=10).status_code == 503  # serving (no run has finished yet)
+    stop_cleanly(g)
+    stderr = g.stderr()
+    ours = our_log_lines(stderr)
+    assert [e["event"] for e in ours] == ["config", "config_warning"], ours
+    config, warning = ours
+    assert variable_names(warning["message"]) == {"PRICE_PER_BYT", "PRICE_PER_BYTE"}
+    assert config["listen_addr"] == f"127.0.0.1:{g.port}" and config["price_per_byte"] == "0.5"
+    assert psycopg2.extensions.parse_dsn(config["database_url"]) == {
+        **psycopg2.extensions.parse_dsn(db.url), "password": "***"}
+    assert [s["token_env"] for s in config["sources"]] == ["A_EXPORTER_TOKEN"]
+    lines = stderr.splitlines()
+    assert first_line_index(lines, '"event": "config_warning"') < first_line_index(lines, "Starting gunicorn") \
+        < first_line_index(lines, "Booting worker")
+    assert stderr.count("Booting worker") == 2
+    assert_no_secret({"stdout": g.stdout(), "stderr": stderr}, [TOKEN, DB_PASSWORD, SOURCE_TOKEN, TYPO_SECRET])
+    assert "Traceback" not in stderr
+
+
+def zero_price_config(db, price) -> billing.Config:
+    env = service_env(db, [{"source_id": "a", "base_url": "http://127.0.0.1:9"}])
+    env.pop("PRICE_PER_BYTE")
+    return billing.load_config(env if price is None else {**env, "PRICE_PER_BYTE": price})
+
+
+def start_up_check(app_log, config) -> list:
+    """The lines check_database (the arbiter's start-up check) logs."""
+    del app_log[:]
+    billing.check_database(config)
+    return [json.loads(line) for line in app_log]
+
+
+@pytest.mark.parametrize("price", ["0", "0.000", None])
+def test_a_zero_price_and_no_priced_profile_is_a_warning_at_start(db, app_log, price):
+    """PRICE_PER_BYTE of 0 (or unset) bills every byte at 0 unless a profile sets a price: the start-up
+    check says so, also beside profiles without a price, and is quiet once one profile has a price."""
+    config = zero_price_config(db, price)
+    assert config.price_per_byte == 0
+    (warning,) = start_up_check(app_log, config)
+    assert warning["event"] == "config_warning" and "PRICE_PER_BYTE" in variable_names(warning["message"])
+    db.add_users(A, B)
+    db.set_profile(A, included=10**9)  # a quota-only package: no price of its own
+    (warning,) = start_up_check(app_log, config)
+    assert warning["event"] == "config_warning" and "PRICE_PER_BYTE" in variable_names(warning["message"])
+    db.set_profile(B, price=0.25)
+    assert start_up_check(app_log, config) == []
+
+
+def test_a_price_in_the_environment_is_no_warning_even_without_profiles(db, app_log):
+    assert start_up_check(app_log, zero_price_config(db, "0.000000001")) == []
+
+
+# -- grants: the role the service connects as ------------------------------------------------------
+
+LIMITED_PASSWORD = "pw-Limited-Secret-6a7b8c9d0e"
+PRIVILEGE = re.compile(r"\b([a-z_]+): (SELECT|INSERT|UPDATE|DELETE|USAGE|TEMPORARY)\b")
+
+
+@pytest.fixture
+def service_role(cluster):
+    """make(db, lacking=()): a new login role with the privileges of REQUIRED_GRANTS in db's database (and
+    USAGE on the run id sequence, TEMPORARY through PUBLIC), less those in ``lacking`` ("table: PRIVILEGE",
+    "database: TEMPORARY"); returns its DATABASE_URL. The roles are dropped afterwards."""
+    made = []
+
+    def connect(dbname):
+        conn = psycopg2.connect(cluster.admin_dsn.rsplit("/", 1)[0] + "/" + dbname)
+        conn.autocommit = True
+        return conn
+
+    def make(db, lacking=()) -> str:
+        name, dbname = f"t19_role_{os.getpid()}_{len(made)}", db.url.rsplit("/", 1)[1]
+        conn = connect(dbname)
+        made.append((name, dbname))
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE ROLE {name} LOGIN PASSWORD %s", (LIMITED_PASSWORD,))
+            for table, privileges in billing.REQUIRED_GRANTS.items():
+                granted = [p for p in privileges.split(", ") if f"{table}: {p}" not in lacking]
+                if granted:
+                    cur.execute(f"GRANT {', '.join(granted)} ON public.{table} TO {name}")
+            if "billing_job_runs_id_seq: USAGE" not in lacking:
+                cur.execute(f"GRANT USAGE ON SEQUENCE public.billing_job_runs_id_seq TO {name}")
+            if "database: TEMPORARY" in lacking:
+                cur.execute(f"REVOKE TEMPORARY ON DATABASE {dbname} FROM PUBLIC")
+        conn.close()
+        return f"postgresql://{name}:{LIMITED_PASSWORD}@127.0.0.1:{cluster.port}/{dbname}"
+
+    yield make
+    for name, dbname in made:
+        conn = connect(dbname)
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+            cur.execute(f"DROP OWNED BY {name}")
+            cur.execute(f"DROP ROLE {name}")
+        conn.close()
+
+
+NO_EXPORTER = [{"source_id": "a", "base_url": "http://127.0.0.1:9"}]
+
+
+def test_gunicorn_exits_2_naming_a_missing_grant_in_one_line(db, service_role):
+    url = service_role(db, lacking=["billing_ledger: INSERT"])
+    done = run_gunicorn_until_exit(service_env(db, NO_EXPORTER, DATABASE_URL=url,
+                                               LISTEN_ADDR=f"127.0.0.1:{free_port()}"))
+    assert done.returncode == 2, done.stderr
+    ours = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    (error,) = [line for line in done.stderr.splitlines() if not line.startswith("{")]
+    assert error.startswith("billing-service: configuration error: DATABASE_URL: "), error
+    assert PRIVILEGE.findall(error) == [("billing_ledger", "INSERT")], error
+    assert [e["event"] for e in ours] == ["config"]  # logged before the check; no worker ever started
+    assert_no_secret({"stderr": done.stderr, "stdout": done.stdout}, [LIMITED_PASSWORD, TOKEN])
+    assert done.stdout == "" and "Traceback" not in done.stderr
+
+
+def test_every_missing_grant_is_named_in_the_one_start_up_error(db, service_role):
+    lacking = ["billing_ledger: INSERT", "traffic_stat_checkpoints: DELETE", "account_quota_states: UPDATE",
+               "users: SELECT", "billing_job_runs_id_seq: USAGE", "database: TEMPORARY"]
+    config = billing.load_config(service_env(db, NO_EXPORTER, DATABASE_URL=service_role(db, lacking)))
+    with pytest.raises(billing.ConfigError) as error:
+        billing.check_database(config)
+    message = str(error.value)
+    assert sorted(f"{table}: {privilege}" for table, privilege in PRIVILEGE.findall(message)) == sorted(lacking)
+    assert message.startswith("DATABASE_URL: ") and LIMITED_PASSWORD not in message
+
+
+def test_a_role_with_exactly_the_required_grants_passes_the_check_and_does_all_the_work(
+        db, exporters, service_role, app_log):
+    """REQUIRED_GRANTS is enough: a run (page scratch tables, buckets, ledger, quota, checkpoints, a
+    takeover's deletes, the sweep suspending, the run record and its retention), a push, a ranged
+    reconcile and every read endpoint, as a role that has just those privileges."""
+    db.add_users(A, B)
+    node = f"{ENV}:{NODE}"
+    db.set_checkpoint(node, B, 10, 10, at(0))  # the original service's row: taken over and removed
+    db.q("INSERT INTO billing_inherited_checkpoints (node_id, account_uuid) VALUES (%s, %s)", (node, B))
+    server = exporters([snap(at(1, 5), (A, "", 100, 50), (B, "xhttp", 30, 30)), snap(at(2, 5), (A, "", 300, 50))])
+    db.set_watermark("a", at(-1))
+    env = service_env(db, [source("a", server), push_source("p", node="node-p")],
+                      DATABASE_URL=service_role(db), ARREARS_SUSPEND_THRESHOLD="1s")
+    assert start_up_check(app_log, billing.load_config(env)) == []  # no missing grant, priced: nothing to say
+    svc = Service(env)
+    status, result = svc.post()
+    # A's two minutes and B's first after the takeover (40 bytes); both in arrears for over 1 s: suspended.
+    assert (status, result["status"], result["written_minutes"], result["suspended"]) == (200, "ok", 3, 2), result
+    status, pushed = push(svc, push_body(snap(at(3, 5), (A, "", 7, 0)), node="node-p"))
+    assert (status, pushed["status"], pushed["written_minutes"]) == (200, "ok", 1), pushed
+    status, replay = svc.post("reconcile", {"source_id": "a", "since": rfc(at(0)), "until": rfc(at(3))})
+    assert (status, replay["status"], replay["replayed_minutes"]) == (200, "ok", 3), replay  # nothing billed again
+    assert svc.get("/healthz") == (200, {"status": "ok", "message": ""})
+    assert svc.get("/v1/status")[1]["status"] == "ok"
+    assert metric(metrics_of(svc), "billing_database_up") == 1
+    assert svc.get(f"/v1/accounts/{A}", token=TOKEN)[0] == 200
+    assert db.q("SELECT count(*) FROM billing_inherited_checkpoints") == [(0,)]
+    assert db.q("SELECT node_id FROM traffic_stat_checkpoints WHERE account_uuid = %s", (B,)) == [(f"{node}#xhttp",)]
+    assert db.q("SELECT suspend_state FROM account_quota_states WHERE account_uuid = %s", (A,)) == [("suspended",)]
+    assert events(app_log, "database_error") == [] and events(app_log, "source_failed") == []
+
+
+def test_gunicorn_with_the_database_down_at_start_serves_and_logs_database_unchecked_once(exporters, gunicorns):
+    server = exporters([])
+    url = f"postgresql://billing:{DB_PASSWORD}@127.0.0.1:{free_port()}/account"
+    env = {"DATABASE_URL": url, "INTERNAL_SERVICE_TOKEN": TOKEN, "COLLECT_INTERVAL": "0",
+           "EXPORTER_SOURCES_JSON": json.dumps([source("a", server)])}
+    g = gunicorns(env, workers=2, split_streams=True)
+    booted(g, 2)
+    assert requests.get(g.url + "/api/ping", timeout=10).status_code == 200
+    stop_cleanly(g)
+    stderr = g.stderr()
+    ours = our_log_lines(stderr)
+    assert [e["event"] for e in ours] == ["config", "database_unchecked"], ours
+    assert ours[1]["error"] == "database: unavailable"
+    lines = stderr.splitlines()
+    assert first_line_index(lines, '"event": "database_unchecked"') < first_line_index(lines, "Starting gunicorn")
+    assert_no_secret({"stdout": g.stdout(), "stderr": stderr}, [DB_PASSWORD, url, TOKEN])
+    assert "Traceback" not in stderr
 
 
 # ---- exporter client: the window API against real, and hostile, exporters ----------------
@@ -3997,6 +4319,405 @@ def test_a_reload_after_a_rotation_keeps_serving_and_one_in_the_middle_stops_the
            "(KEY_VALUES_MISMATCH)" in g.output()
 
 
+# -- an operator's first month: lag from day one, one account's bill, a catch-up's progress ---------
+
+def test_lag_is_exported_from_start_up_for_sources_that_never_succeeded_and_grows(db, exporters, service):
+    """A pull source whose exporter has been down from the start and a push source never pushed have a lag
+    from the service's start-up, growing (a failed attempt does not reset it); a disabled source has none."""
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    sources = [{"source_id": "down", "base_url": down}, push_source("p"),
+               {"source_id": "off", "base_url": down, "enabled": False}]
+    begun = time.time()
+    svc = service(db, sources)
+    ready = time.time()
+
+    def lags():
+        before = time.time()
+        samples = metrics_of(svc)
+        after = time.time()
+        # Seconds since start-up: between (before - ready) and (after - begun), with the metric's rounding.
+        for sid in ("down", "p"):
+            lag = metric(samples, LAG, source_id=sid)
+            assert lag is not None and before - ready - 0.01 <= lag <= after - begun + 0.01, (sid, lag)
+        assert metric(samples, LAG, source_id="off") is None
+        return samples
+
+    first = lags()
+    for sid in ("down", "p"):
+        wait_for(lambda: metric(lags(), LAG, source_id=sid) >= metric(first, LAG, source_id=sid) + 1, timeout=10,
+                 what=f"the lag of {sid} to grow")
+    status, result = svc.post()  # the exporter is down: the run fails, no watermark
+    assert (status, result["status"]) == (503, "error") and db.watermark("down") is None, result
+    samples = lags()  # still from start-up
+    assert metric(samples, "billing_source_last_attempt_failed", source_id="down") == 1
+    views = {v["source_id"]: v for v in svc.get("/v1/status")[1]["sources"]}
+    assert views["down"]["last_completed_until"] is None and views["down"]["lag_seconds"] >= 1
+
+
+ACCOUNT_PROFILE = dict(included=500, price=0.0000013, region=1.5, line=2.0, version="pricing-jp-v3")
+
+
+def account_bill(svc, account_id, token=TOKEN, **query):
+    path = f"/v1/accounts/{account_id}" + ("?" + "&".join(f"{k}={v}" for k, v in query.items()) if query else "")
+    return svc.get(path, token=token)
+
+
+def test_account_bill_needs_the_token_and_refuses_bad_requests(db, exporters, service):
+    db.add_users(A)
+    _, svc = one_source(db, exporters, service, [])
+    day = datetime(2026, 3, 1, tzinfo=UTC)
+    ok = {"since": rfc(day), "until": rfc(day + timedelta(days=1))}
+    for token in (None, WRONG_TOKEN):
+        for account_id in (A, "not-a-uuid"):  # the token comes first, before anything is parsed or read
+            assert account_bill(svc, account_id, token=token, **ok) == (
+                401, {"error": "missing or wrong service token"})
+    for bad in ("not-a-uuid", A[:-1], A + "0", "0" * 31):
+        assert account_bill(svc, bad, **ok) == (400, {"error": "not an account UUID"}), bad
+    bad_times = ("yesterday", "", "2026-13-01T00:00:00Z", "2026-03-01T00:00:00", "2026-03-01", "1772323200")
+    for field in ("since", "until"):
+        for bad in bad_times:
+            status, body = account_bill(svc, A, **{**ok, field: bad})
+            assert (status, body) == (400, {"error": "since and until must be RFC3339 times"}), (field, bad)
+    for since, until in ((day, day), (day + MINUTE, day)):
+        assert account_bill(svc, A, since=rfc(since), until=rfc(until)) == (
+            400, {"error": "since must be before until"})
+    longest = timedelta(days=31)
+    assert account_bill(svc, A, since=rfc(day), until=rfc(day + longest + timedelta(seconds=1))) == (
+        400, {"error": "the range is longer than 31 days"})
+    status, body = account_bill(svc, A, since=rfc(day), until=rfc(day + longest))  # 31 days exactly: fine
+    assert status == 200 and (body["since"], body["until"]) == (rfc(day), rfc(day + longest))
+    # A users row and nothing billed yet: 200, no state, no lines; no users row: 404.
+    assert body == {"account": A, "since": rfc(day), "until": rfc(day + longest), "state": None, "bytes": [],
+                    "money": []}
+    assert account_bill(svc, B, **ok) == (404, {"error": "no such account (no users row)"})
+
+
+def day_start(day) -> datetime:
+    return datetime.combine(day, datetime.min.time(), UTC)
+
+
+def test_account_bill_shows_state_bytes_and_money_as_billed(db, exporters, service):
+    """Traffic of A on two UTC days, two inbounds of one node (region jp) and one of another (region eu),
+    priced by a profile (included 500 bytes, 0.0000013 x region 1.5 x line 2) from a balance of 0.02 into
+    arrears and, by the second service's sweep, suspension; B on the same node. The answer equals the rows
+    billed, day by day, and the hand-computed bill."""
+    today = datetime.now(UTC).date()
+    day1, day2 = day_start(today - timedelta(days=2)), day_start(today - timedelta(days=1))
+
+    def t(day, hour, minute, second=30):
+        return day + timedelta(hours=hour, minutes=minute, seconds=second)
+
+    db.add_users(A, B, C)
+    db.set_profile(A, **ACCOUNT_PROFILE)
+    jp = exporters([snap(t(day1, 23, 58), (A, "xhttp", 100, 1000), (A, "tcp", 10, 20), (B, "xhttp", 5, 5)),
+                    snap(t(day1, 23, 59), (A, "xhttp", 300, 3000), (A, "tcp", 30, 60), (B, "xhttp", 10, 10)),
+                    snap(t(day2, 0, 0), (A, "xhttp", 600, 6000), (A, "tcp", 60, 120)),
+                    snap(t(day2, 0, 5), (A, "xhttp", 1000, 10000))])
+    eu = exporters([snap(t(day2, 0, 2), (A, "", 50, 50)), snap(t(day2, 0, 3), (A, "", 150, 150))], node_id="node-b")
+    db.set_watermark("jp", t(day1, 23, 50))
+    db.set_watermark("eu", t(day2, 0, 1))
+    status, result = service(db, [source("jp", jp)], DEFAULT_REGION="jp", INITIAL_BALANCE="0.02").post()
+    assert (status, result["status"], result["suspended"]) == (200, "ok", 0), result
+    status, result = service(db, [source("eu", eu)], DEFAULT_REGION="eu", INITIAL_BALANCE="0.02",
+                             ARREARS_SUSPEND_THRESHOLD="24h").post()
+    assert (status, result["status"], result["suspended"]) == (200, "ok", 2), result  # A and B
+    svc = service(db, [source("jp", jp)])
+
+    # By hand: rated bytes are A's increments less the 500 included ones (taken by the first), each row
+    # charged bytes x 0.0000039; the balance crosses zero at day 2's first minute.
+    per_byte = Decimal("0.0000039")
+    expected_state = {"balance": "-0.022822", "remaining_included_quota_bytes": 0, "arrears": True,
+                      "arrears_since": rfc(t(day2, 0, 0, 0)), "throttle_state": "throttled",
+                      "suspend_state": "suspended", "suspended_by_billing": True,
+                      "last_rated_minute": rfc(t(day2, 0, 5, 0))}
+    d1, d2 = day1.date().isoformat(), day2.date().isoformat()
+
+    def line(day, region, code, up, down, minutes):
+        return {"day": day, "region": region, "line_code": code, "uplink_bytes": up, "downlink_bytes": down,
+                "bytes": up + down, "minutes": minutes}
+
+    def money(day, rated, rows, amount):
+        assert Decimal(amount) == -rated * per_byte  # the hand computation, written out as the exact string
+        return {"day": day, "rated_bytes": rated, "amount": amount, "ledger_rows": rows}
+
+    cases = [  # (query, bytes, money)
+        ({"since": rfc(day1), "until": rfc(day2 + timedelta(days=1))},
+         [line(d1, "jp", "tcp", 30, 60, 2), line(d1, "jp", "xhttp", 300, 3000, 2),
+          line(d2, "eu", "", 150, 150, 2), line(d2, "jp", "tcp", 30, 60, 1), line(d2, "jp", "xhttp", 700, 7000, 2)],
+         [money(d1, 600 + 30 + 2200 + 60, 4, "-0.011271"), money(d2, 3300 + 90 + 4400 + 100 + 200, 5, "-0.031551")]),
+        # Another offset, the same instant; until is exclusive: 00:05 is left out.
+        ({"since": (day2 + timedelta(hours=9)).strftime("%Y-%m-%dT%H:%M:%S") + "%2B09:00",
+          "until": rfc(t(day2, 0, 5, 0))},
+         [line(d2, "eu", "", 150, 150, 2), line(d2, "jp", "tcp", 30, 60, 1), line(d2, "jp", "xhttp", 300, 3000, 1)],
+         [money(d2, 3300 + 90 + 100 + 200, 4, "-0.014391")]),
+        ({"since": rfc(t(day2, 0, 5, 0)), "until": rfc(t(day2, 0, 6, 0))},  # since is inclusive
+         [line(d2, "jp", "xhttp", 400, 4000, 1)], [money(d2, 4400, 1, "-0.01716")]),
+        ({"since": rfc(day1 - timedelta(days=1)), "until": rfc(day1)}, [], []),
+    ]
+    for query, expected_bytes, expected_money in cases:
+        status, body = account_bill(svc, A.upper(), **query)
+        assert status == 200, (query, body)
+        assert (body["account"], body["state"]) == (A, expected_state), query
+        assert (body["bytes"], body["money"]) == (expected_bytes, expected_money), query
+        since, until = billing.parse_time(body["since"]), billing.parse_time(body["until"])
+        assert (body["bytes"], body["money"]) == rows_billed(db, A, since, until), query
+    assert all(isinstance(m["amount"], str) for m in account_bill(svc, A, **cases[0][0])[1]["money"])
+
+    # The state is the account_quota_states row, the balance its double as the decimal it prints as.
+    balance, remaining, arrears_since, suspended, by_billing, rated = db.one(
+        """SELECT current_balance, remaining_included_quota, arrears_since, suspend_state, suspended_by_billing,
+                  last_rated_bucket_at FROM account_quota_states WHERE account_uuid = %s""", (A,))
+    assert (repr(balance), remaining, rfc(arrears_since), suspended, by_billing, rfc(rated)) == (
+        "-0.022822", 0, expected_state["arrears_since"], "suspended", True, expected_state["last_rated_minute"])
+
+    # Without a range: today, UTC (nothing billed today); B's and C's answers are their own.
+    before = datetime.now(UTC).date()
+    status, body = account_bill(svc, A)
+    after = datetime.now(UTC).date()
+    assert status == 200 and (body["bytes"], body["money"]) == ([], [])
+    assert (body["since"], body["until"]) in {(rfc(day_start(d)), rfc(day_start(d + timedelta(days=1))))
+                                              for d in (before, after)}
+    status, body = account_bill(svc, B, since=rfc(day1), until=rfc(day2))
+    assert status == 200 and body["bytes"] == [line(d1, "jp", "xhttp", 10, 10, 2)]
+    assert (body["state"]["balance"], body["state"]["suspended_by_billing"]) == ("-9.98", True)  # 0.02 - 20 x 0.5
+    assert account_bill(svc, C, since=rfc(day1), until=rfc(day2))[1]["state"] is None
+
+
+def rows_billed(db, account_id, since, until) -> tuple:
+    """An account's bytes and money per UTC day, summed here from its rows (not by read_account's SQL)."""
+    lines, money = {}, {}
+    for start, _, acct, region, code, up, down, total, *_ in db.buckets():
+        if acct == account_id and since <= start < until:
+            entry = lines.setdefault((start.astimezone(UTC).date().isoformat(), region, code), [0, 0, 0, 0])
+            for i, value in enumerate((up, down, total, 1)):
+                entry[i] += value
+    for _, acct, start, _, _, rated, amount, *_ in db.ledger():
+        if acct == account_id and since <= start < until:
+            entry = money.setdefault(start.astimezone(UTC).date().isoformat(), [0, Decimal(0), 0])
+            entry[0] += rated
+            entry[1] += Decimal(repr(amount))
+            entry[2] += 1
+    return ([{"day": day, "region": region, "line_code": code, "uplink_bytes": up, "downlink_bytes": down,
+              "bytes": total, "minutes": minutes}
+             for (day, region, code), (up, down, total, minutes) in sorted(lines.items())],
+            [{"day": day, "rated_bytes": rated, "amount": billing.money_text(amount), "ledger_rows": rows}
+             for day, (rated, amount, rows) in sorted(money.items())])
+
+
+def explain(conn, sql: str, params) -> tuple[str, dict]:
+    """The plan of one statement as PostgreSQL would run it: text (for the report) and JSON."""
+    with conn.cursor() as cur:
+        statement = cur.mogrify(sql, params).decode()
+        cur.execute("EXPLAIN (FORMAT TEXT) " + statement)
+        text = "\n".join(row[0] for row in cur.fetchall())
+        cur.execute("EXPLAIN (FORMAT JSON) " + statement)
+        return text, cur.fetchone()[0][0]["Plan"]
+
+
+def plan_nodes(plan: dict) -> list:
+    """Every node of a plan, depth first."""
+    return [plan] + [node for child in plan.get("Plans", []) for node in plan_nodes(child)]
+
+
+def test_account_bill_range_queries_use_the_account_first_indexes(db, monkeypatch):
+    """read_account's two range statements, on 10 days of minute rows (every 5 minutes, two lines) of 8
+    accounts, analyzed: each reads its table through the account-first index (account and time in the
+    index condition), never a scan of the whole table. The plans are printed (pytest -s)."""
+    accounts = [account(200 + n) for n in range(8)]
+    db.add_users(*accounts)
+    first = billing.minute_floor(datetime.now(UTC)) - timedelta(days=10)
+    db.q("""INSERT INTO traffic_minute_buckets (bucket_start, node_id, account_uuid, region, line_code, uplink_bytes,
+              downlink_bytes, total_bytes, multiplier, rating_status, source_revision)
+            SELECT m, 'prod:node-a', a::uuid, 'jp', l, 100, 200, 300, 1, 'rated', 'v'
+            FROM unnest(%s::text[]) a, generate_series(%s::timestamptz, %s::timestamptz, '5 minutes') m,
+                 unnest(ARRAY['xhttp', 'tcp']) l""", (accounts, first, first + timedelta(days=10)))
+    db.q("""INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
+              amount_delta, balance_after, pricing_rule_version, created_at)
+            SELECT gen_random_uuid(), a::uuid, m, m + interval '1 minute', 'traffic_charge', 300, -0.0003, 0, 'v',
+                   m + interval '65 seconds'
+            FROM unnest(%s::text[]) a, generate_series(%s::timestamptz, %s::timestamptz, '5 minutes') m,
+                 unnest(ARRAY['xhttp', 'tcp']) l""", (accounts, first, first + timedelta(days=10)))
+    db.q("ANALYZE traffic_minute_buckets")
+    db.q("ANALYZE billing_ledger")
+    counts = db.one("SELECT (SELECT count(*) FROM traffic_minute_buckets), (SELECT count(*) FROM billing_ledger)")
+    assert counts[0] == counts[1] > 20000, counts
+    statements = []
+    real_sql = billing._sql
+
+    def recording(conn, sql, params=(), commit=True):
+        statements.append((sql, params))
+        return real_sql(conn, sql, params, commit)
+
+    monkeypatch.setattr(billing, "_sql", recording)
+    since = day_start((first + timedelta(days=5)).date())  # one whole day, as the endpoint's default asks
+    conn = psycopg2.connect(db.url)
+    try:
+        found = billing.read_account(conn, accounts[3], since, since + timedelta(days=1))
+        assert sum(row[-1] for row in found["lines"]) == 2 * 288 and sum(row[-1] for row in found["money"]) == 2 * 288
+        ranged = {table: (sql, params) for sql, params in statements for table in ("traffic_minute_buckets",
+                                                                                    "billing_ledger")
+                  if f"FROM {table}" in sql}
+        assert len(statements) == 3 and len(ranged) == 2, statements
+        for table, index, column in (("traffic_minute_buckets", "idx_traffic_minute_buckets_account_bucket",
+                                      "bucket_start"),
+                                     ("billing_ledger", "idx_billing_ledger_account_created", "created_at")):
+            text, plan = explain(conn, *ranged[table])
+            print(f"\nEXPLAIN of read_account's {table} range ({counts[0]} rows, 8 accounts, one day):\n{text}")
+            nodes = plan_nodes(plan)
+            # The table is read through the index alone (an index scan, or a bitmap of it), never whole.
+            assert [n for n in nodes if n["Node Type"] == "Seq Scan"] == [], text
+            used = [n for n in nodes if "Index Name" in n]
+            assert used and {n["Index Name"] for n in used} == {index}, text
+            assert all("account_uuid" in n["Index Cond"] and column in n["Index Cond"] for n in used), text
+    finally:
+        conn.close()
+
+
+def catch_up_view(client, expected_at) -> tuple:
+    """Source a's /v1/status view once its watermark is at ``expected_at``, and the times around the answer."""
+    def answer():
+        before = time.time()
+        view = client.get("/v1/status").get_json()["sources"][0]
+        return (view, before, time.time()) if view["last_completed_until"] == rfc(expected_at) else None
+    return wait_for(answer, timeout=20, what=f"the watermark at {rfc(expected_at)}")
+
+
+def remaining_between(before: float, after: float, watermark: datetime) -> set:
+    """What remaining_seconds can be when "now" lies between two moments: the last whole minute's start
+    (the run's end) less the watermark."""
+    return {(billing.minute_floor(datetime.fromtimestamp(moment, UTC)) - MINUTE - watermark).total_seconds()
+            for moment in (before, after)}
+
+
+def assert_eta(eta_seconds, remaining, done, attempted: datetime, before: float, after: float):
+    """eta = remaining / (done / elapsed), elapsed = now - the run's start, now between before and after."""
+    low = remaining * (before - attempted.timestamp()) / done
+    high = remaining * (after - attempted.timestamp()) / done
+    assert low - 0.06 <= eta_seconds <= high + 0.06, (eta_seconds, low, high)
+
+
+def test_status_and_metrics_show_a_catch_up_progress_and_eta_then_nothing(db, exporters, service):
+    """38 minutes of backlog, one snapshot a page; the run is held at its 4th and 9th page requests.
+    Meanwhile any instance's /v1/status shows the source running with catch_up: from (the watermark the run
+    started at), at (the watermark now), done_seconds growing, remaining_seconds (to the last whole minute)
+    shrinking, an eta; /metrics the same remaining and eta. Once the run ends: catch_up null, no gauges."""
+    db.add_users(A)
+    start = at(-40)
+    stamps = [at(m, 30) for m in range(-39, -1)]
+    server = exporters([snap(stamp, (A, "", 1000 * (i + 1), 0)) for i, stamp in enumerate(stamps)])
+    server.page_cap = 1
+    db.set_watermark("a", start)
+    gates = [PageGate(server, 4), PageGate(server, 9)]
+    runner = Service(service_env(db, [source("a", server)]))
+    watcher = Service(service_env(db, [source("a", server)]))
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=runner.post()))
+    worker.start()
+    seen = []
+    try:
+        for gate, pages in zip(gates, (3, 8)):
+            assert gate.reached.wait(30)
+            watermark = stamps[pages - 1]  # the pages before the held request are committed
+            for client in (watcher.client, runner.app.test_client()):  # any worker: the same answer
+                view, before, after = catch_up_view(client, watermark)
+                progress = view["catch_up"]
+                assert view["running"] is True and progress is not None, view
+                assert (progress["from"], progress["at"]) == (rfc(start), rfc(watermark))
+                assert progress["done_seconds"] == (watermark - start).total_seconds()
+                assert progress["remaining_seconds"] in remaining_between(before, after, watermark), progress
+                attempted = billing.parse_time(view["last_attempted_at"])
+                assert_eta(progress["eta_seconds"], progress["remaining_seconds"], progress["done_seconds"],
+                           attempted, before, after)
+                eta = billing.parse_time(progress["eta"]).timestamp()
+                assert before + progress["eta_seconds"] - 0.06 <= eta <= after + progress["eta_seconds"] + 0.06
+                seen.append(progress)
+            before = time.time()
+            samples = metrics_of(watcher)
+            after = time.time()
+            remaining = metric(samples, "billing_source_catchup_remaining_seconds", source_id="a")
+            assert metric(samples, "billing_source_catchup_running", source_id="a") == 1
+            assert remaining in remaining_between(before, after, watermark)
+            assert_eta(metric(samples, "billing_source_catchup_eta_seconds", source_id="a"), remaining,
+                       (watermark - start).total_seconds(), attempted, before, after)
+            gate.release.set()  # (the gates are chained: each is removed only at the end)
+    finally:
+        for gate in reversed(gates):
+            gate.remove()
+        worker.join(60)
+    early, late = seen[0], seen[-1]
+    assert late["done_seconds"] > early["done_seconds"] and late["remaining_seconds"] < early["remaining_seconds"]
+    status, result = outcome["result"]
+    assert (status, result["status"], result["processed_samples"]) == (200, "ok", len(stamps)), result
+    # Polled all the same: a run unlocks its source before it answers, but the last read may race it.
+    for client in (watcher.client, runner.app.test_client()):
+        view = wait_for(lambda: (lambda v: v if not v["running"] else None)(
+            client.get("/v1/status").get_json()["sources"][0]), timeout=10, what="the run to end")
+        assert (view["catch_up"], view["last_completed_until"]) == (None, rfc(stamps[-1]))
+    samples = wait_for(lambda: (lambda s: s if metric(s, "billing_source_catchup_running", source_id="a") == 0
+                                else None)(metrics_of(watcher)), timeout=10, what="catchup_running 0")
+    for name in ("billing_source_catchup_remaining_seconds", "billing_source_catchup_eta_seconds"):
+        assert [key for key in samples if key[0] == name] == [], name
+
+
+class TerminateHold:
+    """A TCP proxy to PostgreSQL that holds every client's Terminate message until ``release()``: a closed
+    connection's backend, and every session lock it holds, then stays until the test lets it go (as it
+    can for a moment on any server: closing a connection does not wait for its backend to exit)."""
+
+    TERMINATE = b"X\x00\x00\x00\x04"
+
+    def __init__(self, port: int):
+        self.target, self.released = ("127.0.0.1", port), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for args in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
+
+    def _pump(self, src, dst, from_client: bool):
+        try:
+            while data := src.recv(65536):
+                if from_client and data.endswith(self.TERMINATE):
+                    self.released.wait(60)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self.released.set()
+        self.listener.close()
+
+
+def test_a_run_that_has_answered_no_longer_shows_as_running(db, exporters, cluster):
+    db.add_users(A)
+    server = exporters([snap(at(1, 5), (A, "", 100, 0))])
+    db.set_watermark("a", at(-1))
+    proxy = TerminateHold(cluster.port)
+    try:
+        url = db.url.replace(f":{cluster.port}/", f":{proxy.port}/")
+        svc = Service(service_env(db, [source("a", server)], DATABASE_URL=url))
+        status, result = svc.post()
+        assert (status, result["status"]) == (200, "ok"), result
+        (view,) = svc.get("/v1/status")[1]["sources"]
+        running = metric(metrics_of(svc), "billing_source_catchup_running", source_id="a")
+        assert (view["running"], view["catch_up"], running) == (False, None, 0), view
+    finally:
+        proxy.release()
+
+
 # ---- collector: job runs, replays, takeover, crashes, concurrency ------------------------
 
 def test_one_sample_without_profile_charges_price_and_throttles(db, exporters, service):
@@ -6175,6 +6896,98 @@ def test_sweeps_in_parallel_with_page_transactions_keep_every_rule(db, exporters
     assert suspended - lifted == metric(samples, "billing_accounts_suspended")
 
 
+# -- skips explained: invalid samples by reason, unknown accounts named in the log only ---------------
+
+def raw_sample(account_id, tag, up, down) -> dict:
+    return {"uuid": account_id, "email": "user@example.com", "inbound_tag": tag, "uplink_bytes_total": up,
+            "downlink_bytes_total": down}
+
+
+# One sample of each invalid kind; a duplicated series is invalid twice (both of its samples).
+ONE_OF_EACH_REASON = {"not_an_object": 1, "bad_counter": 1, "bad_uuid": 1, "bad_label": 1, "duplicate": 2}
+
+
+def one_of_each_invalid() -> list:
+    return ["junk", raw_sample(B, "c", "100", 0), raw_sample("not-a-uuid", "", 1, 1), raw_sample(B, 7, 1, 1),
+            raw_sample(B, "dup", 5, 5), raw_sample(B, "dup", 6, 6)]
+
+
+def invalid_by_reason_metrics(samples: dict, job: str) -> dict:
+    found = {reason: metric(samples, "billing_invalid_samples_by_reason_total", job=job, reason=reason)
+             for reason in billing.INVALID_REASONS}
+    return {reason: value for reason, value in found.items() if value is not None}
+
+
+def test_invalid_samples_are_counted_by_reason_in_the_result_the_run_log_and_metrics(
+        db, exporters, service, app_log):
+    """Beside a good sample: the run result, the source's status, the run's log line and /metrics count
+    them by reason; the counters add up over runs; a push's are counted under job "push"."""
+    db.add_users(A, B)
+    assert set(ONE_OF_EACH_REASON) == set(billing.INVALID_REASONS)
+    server = exporters([{"collected_at": rfc(at(1, 5)), "samples": [raw_sample(A, "", 100, 50),
+                                                                     *one_of_each_invalid()]}])
+    db.set_watermark("a", at(-1))
+    svc = service(db, [source("a", server), push_source("p", node="node-p")])
+    status, result = svc.post()
+    assert (status, result["status"], result["invalid_samples"]) == (200, "partial", 6), result
+    assert result["invalid_by_reason"] == ONE_OF_EACH_REASON
+    assert by_source(result)["a"]["invalid_by_reason"] == ONE_OF_EACH_REASON
+    assert "a: invalid_samples: 6 skipped (bad_counter 1, bad_label 1, bad_uuid 1, duplicate 2, not_an_object 1)" \
+        in result["error"]
+    (line,) = events(app_log, "run")
+    assert (line["invalid_samples"], line["invalid_by_reason"]) == (6, ONE_OF_EACH_REASON), line
+    samples = metrics_of(svc)
+    assert invalid_by_reason_metrics(samples, "collect-and-rate") == ONE_OF_EACH_REASON
+    assert metric(samples, "billing_invalid_samples_total", job="collect-and-rate") == 6
+    assert [(row[2], row[7]) for row in db.buckets()] == [(A, 150)]  # the good one billed, nothing of B
+
+    # Another run past the first snapshot (the watermark moved on by hand: no overlap re-read) with
+    # two more: the counters add up.
+    server.add({"collected_at": rfc(at(8, 5)),
+                "samples": [raw_sample(A, "", 200, 50), [1, 2], raw_sample(B, "", -1, 0)]})
+    db.set_watermark("a", at(6))
+    status, result = svc.post()
+    assert (status, result["invalid_by_reason"]) == (200, {"not_an_object": 1, "bad_counter": 1}), result
+    assert events(app_log, "run")[-1]["invalid_by_reason"] == {"not_an_object": 1, "bad_counter": 1}
+    assert invalid_by_reason_metrics(metrics_of(svc), "collect-and-rate") == {
+        **ONE_OF_EACH_REASON, "not_an_object": 2, "bad_counter": 2}
+
+    status, pushed = push(svc, push_body([{"collected_at": rfc(at(9, 5)), "samples": [
+        raw_sample(A, "", 1, 1), raw_sample(A.replace("-", "x"), "", 1, 1)]}], node="node-p"))
+    assert (status, pushed["status"], pushed["invalid_by_reason"]) == (200, "partial", {"bad_uuid": 1}), pushed
+    samples = metrics_of(svc)
+    assert invalid_by_reason_metrics(samples, "push") == {**dict.fromkeys(billing.INVALID_REASONS, 0), "bad_uuid": 1}
+    assert invalid_by_reason_metrics(samples, "collect-and-rate")["bad_uuid"] == 1  # unchanged by the push
+
+
+def test_the_run_log_names_ten_unknown_accounts_per_source_and_no_open_endpoint_any(
+        db, exporters, service, app_log):
+    """12 unknown accounts on one source (half of them in upper case), 3 on another: the run's log line
+    names 10 of the first (sorted, canonical) and the 3 of the second; the run result counts them all;
+    /v1/status without the token, /healthz and /metrics name none of them, in any form."""
+    db.add_users(A)
+    strangers = [account(300 + n) for n in range(12)]
+    others = [account(400 + n) for n in range(3)]
+    a = exporters([snap(at(1, 5), (A, "", 100, 0),
+                        *[(s.upper() if i % 2 else s, "", 10, 10) for i, s in enumerate(strangers)])])
+    b = exporters([snap(at(1, 10), *[(s, "x", 1, 1) for s in others])], node_id="node-b")
+    db.set_watermark("a", at(-1))
+    db.set_watermark("b", at(-1))
+    svc = service(db, [source("a", a), source("b", b)])
+    status, result = svc.post()
+    assert (status, result["status"], result["unknown_account_samples"]) == (200, "partial", 15), result
+    (line,) = events(app_log, "run")
+    named = {s["source_id"]: s.get("unknown_accounts") for s in line["sources"]}
+    assert len(named["a"]) == 10 and named["a"] == sorted(set(named["a"])), named
+    assert set(named["a"]) <= set(strangers) and named["b"] == sorted(others), named
+    visible = {path: svc.client.get(path).get_data(as_text=True) for path in ("/v1/status", "/healthz", "/metrics")}
+    assert svc.client.get("/healthz").status_code == 200 and "unknown_accounts" in visible["/v1/status"]
+    for path, text in visible.items():
+        for stranger in strangers + others:
+            for form in (stranger, stranger.upper(), stranger.replace("-", "")):
+                assert form not in text, f"{path} names unknown account {form}"
+
+
 # ---- money: exact decimals on a fixed quantum over the shared double columns ---------------
 
 @pytest.mark.parametrize("value, message", [
@@ -7554,6 +8367,55 @@ def test_deleting_old_buckets_as_the_readme_says_keeps_billing_and_replays_intac
             cluster.drop_database(database.url)
 
 
+def account_first_index_options(db) -> dict:
+    """Each account-first index's recorded storage options (``fillfactor=80``), ``""`` for none."""
+    return dict(db.q("""SELECT relname, coalesce(array_to_string(reloptions, ','), '') FROM pg_class
+                        WHERE relname = ANY(%s)""", (list(ACCOUNT_FIRST_INDEXES),)))
+
+
+def test_account_first_indexes_are_built_at_fillfactor_80_and_the_readme_records_it_on_older_ones(
+        db, exporters, service):
+    """schema.sql builds both account-first indexes at fillfactor 80. Over indexes built as the original
+    built them (PostgreSQL's default), schema.sql changes nothing; the README's two statements record 80
+    while billing goes on, and the REINDEX it names rebuilds each index valid, with every row."""
+    assert account_first_index_options(db) == {name: "fillfactor=80" for name in ACCOUNT_FIRST_INDEXES}
+    db.q("DROP INDEX idx_traffic_minute_buckets_account_bucket, idx_billing_ledger_account_created")
+    db.q("CREATE INDEX idx_traffic_minute_buckets_account_bucket ON traffic_minute_buckets "
+         "(account_uuid, bucket_start DESC)")
+    db.q("CREATE INDEX idx_billing_ledger_account_created ON billing_ledger (account_uuid, created_at DESC)")
+    db.q(open(os.path.join(ROOT, "schema.sql")).read())
+    assert account_first_index_options(db) == {name: "" for name in ACCOUNT_FIRST_INDEXES}
+    db.add_users(A, B)
+    server, svc = one_source(db, exporters, service, [snap(at(0, 5), (A, "", 100, 10), (B, "", 7, 0)),
+                                                      snap(at(1, 5), (A, "", 300, 30), (B, "", 9, 1))],
+                             PRICE_PER_BYTE="0.000001")
+    assert svc.post()[1]["status"] == "ok"
+    statements = sql_statements(readme_example("index-fillfactor"))
+    assert len(statements) == 2
+    for statement in statements:
+        db.q(statement)
+    assert account_first_index_options(db) == {name: "fillfactor=80" for name in ACCOUNT_FIRST_INDEXES}
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        (reindex,) = re.findall(r"`(REINDEX INDEX CONCURRENTLY \w+);`", handle.read())
+    for name in ACCOUNT_FIRST_INDEXES:
+        db.q(reindex.replace(ACCOUNT_FIRST_INDEXES[0], name))  # one statement: outside a transaction block
+    assert db.q("""SELECT c.relname, i.indisvalid, array_to_string(c.reloptions, ',') FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY(%s) ORDER BY 1""",
+                (list(ACCOUNT_FIRST_INDEXES),)) == [(name, True, "fillfactor=80")
+                                                     for name in sorted(ACCOUNT_FIRST_INDEXES)]
+    server.add(snap(at(2, 5), (A, "", 1000, 100), (B, "", 10, 1)))
+    assert svc.post()[1]["status"] == "ok"
+    assert sorted((b[2], b[0], b[7]) for b in db.buckets()) == \
+        sorted([(A, at(0), 110), (A, at(1), 220), (A, at(2), 770), (B, at(0), 7), (B, at(1), 3), (B, at(2), 1)])
+    for table, index, column in (("billing_ledger", ACCOUNT_FIRST_INDEXES[0], "created_at"),
+                                 ("traffic_minute_buckets", ACCOUNT_FIRST_INDEXES[1], "bucket_start")):
+        db.q("SET enable_seqscan = off")
+        plan = db.q(f"EXPLAIN SELECT count(*) FROM {table} WHERE account_uuid = %s AND {column} > now() - "
+                    "interval '100 years'", (A,))
+        assert index in "\n".join(row[0] for row in plan), plan
+        assert db.q(f"SELECT count(*) FROM {table} WHERE account_uuid = %s", (A,)) == [(3,)]
+
+
 def test_upgrading_from_an_earlier_release_as_the_readme_says_keeps_its_series_and_suspensions(
         db, exporters, service):
     """A database an earlier release billed: A has an untagged and a tagged series on the node, and an
@@ -8112,6 +8974,7 @@ def test_bench_backlog_catch_up():
 
 HISTORY_TABLES = ("billing_ledger", "traffic_minute_buckets")
 SAMPLES_PER_DAY = 14_400_000  # 10,000 active accounts, one sample a minute each
+ACCOUNT_FIRST_INDEXES = ("idx_billing_ledger_account_created", "idx_traffic_minute_buckets_account_bucket")
 
 # The demo exporter's synthetic counters (counting from `start`), served only between two snapshot times
 # that the benchmark sets on stdin ("first_ns last_ns"; answered "ok"): one phase's snapshots, no more,
@@ -8359,14 +9222,42 @@ def load_history(conn, accounts: list, first: datetime, minutes: int, price: flo
     return done, time.perf_counter() - began
 
 
-def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accounts: int) -> dict:
+def full_page_images_by_relation(stats, data_dir: str, start_lsn: str, end_lsn: str) -> dict:
+    """{relation name: full-page images} in the WAL from start_lsn to end_lsn (pg_waldump over the
+    segments a replication slot kept), for the relations of this database; the rest under "(other)"."""
+    waldump = os.path.join(sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                                  key=lambda d: int(d.split("/")[-2]))[-1], "pg_waldump")
+    image = re.compile(r"rel \d+/(\d+)/(\d+)(?: fork \w+)? blk \d+ FPW")
+    counts = collections.Counter()
+    with subprocess.Popen([waldump, "-p", os.path.join(data_dir, "pg_wal"), "-s", start_lsn, "-e", end_lsn],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as dump:
+        for line in dump.stdout:
+            counts.update(image.findall(line))
+        error = dump.stderr.read()
+    assert dump.returncode == 0, error[-500:]
+    with stats.cursor() as cur:
+        cur.execute("""SELECT d.oid::text, pg_relation_filenode(c.oid)::text, c.relname FROM pg_class c, pg_database d
+                       WHERE d.datname = current_database() AND pg_relation_filenode(c.oid) IS NOT NULL""")
+        names = {(db, node): name for db, node, name in cur.fetchall()}
+    out = collections.Counter()
+    for key, n in counts.items():
+        out[names.get(key, "(other)")] += n
+    return dict(out)
+
+
+def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accounts: int, data_dir: str) -> dict:
     """One catch-up of `snapshots` x n_accounts samples from `first`, after a CHECKPOINT, through the
-    service's HTTP job endpoint; its time, counter deltas and rows checked."""
+    service's HTTP job endpoint; its time, counter deltas, full-page images by relation (a replication
+    slot keeps the phase's WAL for pg_waldump; it changes what is kept, not what is written) and rows
+    checked."""
     exporter.stdin.write(f"{dx.to_ns(first)} {dx.to_ns(first + (snapshots - 1) * MINUTE)}\n")
     exporter.stdin.flush()
     assert exporter.stdout.readline().strip() == "ok"
     with stats.cursor() as cur:
+        cur.execute("SELECT pg_create_physical_replication_slot('bench_wal', true)")
         cur.execute("CHECKPOINT")
+        cur.execute("SELECT pg_current_wal_lsn()::text")
+        start_lsn = cur.fetchone()[0]
     before = io_counters(stats)
     began = time.perf_counter()
     status, result = service.post(timeout=3600)
@@ -8376,6 +9267,8 @@ def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accou
     assert result["processed_samples"] == samples, result
     after = settled_counters(stats, before, samples)
     with stats.cursor() as cur:
+        cur.execute("SELECT pg_current_wal_lsn()::text")
+        end_lsn = cur.fetchone()[0]
         # Speed buys nothing off the bill: every byte of the phase is in it, once.
         cur.execute("""SELECT count(*), sum(total_bytes) FROM traffic_minute_buckets
                        WHERE bucket_start BETWEEN %s AND %s""", (first, first + (snapshots - 1) * MINUTE))
@@ -8385,15 +9278,22 @@ def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accou
         ledger = cur.fetchone()[0]
     assert buckets == (samples, snapshots * sum(4000 + i % 7 + i % 11 for i in range(n_accounts))), buckets
     assert ledger == samples, ledger
+    try:
+        images = full_page_images_by_relation(stats, data_dir, start_lsn, end_lsn)
+    finally:
+        with stats.cursor() as cur:
+            cur.execute("SELECT pg_drop_replication_slot('bench_wal')")
+    assert sum(images.values()) >= after["wal_fpi"] - before["wal_fpi"] - 100, (images, after, before)
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
-    return {"seconds": elapsed, "samples": samples, "delta": delta, "sizes": relation_sizes(stats)}
+    return {"seconds": elapsed, "samples": samples, "delta": delta, "sizes": relation_sizes(stats),
+            "images": images}
 
 
 def ratio_text(new: float, old: float) -> str:
     return f"{new / old:.2f}" if old else ("-" if not new else "from 0")
 
 
-def print_history_report(settings_text, load_lines, load_seconds, history_rows, phases, loaded_sizes):
+def print_history_report(settings_text, load_lines, load_seconds, history_rows, phases, loaded_sizes, n_accounts):
     one, two = phases
     per = [{k: v / p["samples"] for k, v in p["delta"].items()} for p in phases]
     rows = [("samples/s", one["samples"] / one["seconds"], two["samples"] / two["seconds"], "{:,.0f}"),
@@ -8423,6 +9323,23 @@ def print_history_report(settings_text, load_lines, load_seconds, history_rows, 
     print("| --- | ---: | ---: | ---: |")
     for label, a, b, fmt in rows:
         print(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {ratio_text(b, a)} |")
+    print("\n| full-page images/sample, by relation | phase 1 | phase 2 |")
+    print("| --- | ---: | ---: |")
+    per_image = [{n: c / p["samples"] for n, c in p["images"].items()} for p in phases]
+    shown = sorted((n for n in set(per_image[0]) | set(per_image[1])
+                    if max(per_image[0].get(n, 0), per_image[1].get(n, 0)) >= 0.0005),
+                   key=lambda n: -per_image[1].get(n, 0))
+    for name in shown:
+        print(f"| {name} | {per_image[0].get(name, 0):.4f} | {per_image[1].get(name, 0):.4f} |")
+    print("| everything else | " + " | ".join(f"{sum(v for n, v in p.items() if n not in shown):.4f}"
+                                             for p in per_image) + " |")
+    cycles = 1 + two["delta"]["checkpoints"]
+    floor = len(ACCOUNT_FIRST_INDEXES) * n_accounts * cycles
+    actual = sum(two["images"].get(name, 0) for name in ACCOUNT_FIRST_INDEXES)
+    print(f"\nbench-history: the account-first indexes' floor in phase 2: {len(ACCOUNT_FIRST_INDEXES)} indexes x "
+          f"{n_accounts:,} accounts x {cycles} checkpoint cycles (the one before the phase + {cycles - 1} during it) "
+          f"= {floor:,} full-page images ({floor / two['samples']:.3f}/sample); measured on them: {actual:,} "
+          f"({actual / two['samples']:.3f}/sample); on everything: {sum(two['images'].values()):,}")
     mib = 1 << 20
     print("\n| relation | MiB after phase 1 | MiB after the load | MiB after phase 2 |")
     print("| --- | ---: | ---: | ---: |")
@@ -8490,7 +9407,8 @@ def test_bench_history_catch_up():
                         "expected_env": "demo", "timeout_seconds": 120}
         service = Gunicorn(service_env(db, [bench_source], PRICE_PER_BYTE=str(price)), workers=1).start()
 
-        one = run_phase(service, exporter, stats, start, n_snapshots, n_accounts)
+        one = run_phase(service, exporter, stats, start, n_snapshots, n_accounts,
+                        os.path.join(directory, "data"))
         with stats.cursor() as cur:
             cur.execute("SELECT count(*) FROM billing_ledger")
             ledger_rows = cur.fetchone()[0]
@@ -8507,10 +9425,11 @@ def test_bench_history_catch_up():
             assert cur.fetchone() == (minutes * n_accounts,
                                       minutes * sum(4000 + i % 7 + i % 11 for i in range(n_accounts)))
 
-        two = run_phase(service, exporter, stats, start + n_snapshots * MINUTE, n_snapshots, n_accounts)
+        two = run_phase(service, exporter, stats, start + n_snapshots * MINUTE, n_snapshots, n_accounts,
+                        os.path.join(directory, "data"))
         db.close()
         print_history_report(settings_text, load_lines, load_seconds, 2 * minutes * n_accounts, (one, two),
-                             loaded_sizes)
+                             loaded_sizes, n_accounts)
     finally:
         if service is not None:
             service.stop()
