@@ -21,6 +21,7 @@ certificate): no signal, no restart.
 """
 import gc
 import os
+import signal
 import ssl
 import sys
 import threading
@@ -145,6 +146,11 @@ def post_worker_init(worker):
     # several times a page (half of the rating time). Reference counting frees
     # them; cycles are still collected, just less often.
     gc.set_threshold(50_000, 20, 100)
+    # Ctrl-C in a terminal reaches the workers too, and the arbiter then sends
+    # them SIGQUIT: gthread's quit handler, entered twice, can deadlock on its
+    # thread pool's lock until the arbiter kills the worker 30 s later. The
+    # arbiter's signal alone stops the worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     worker.wsgi.extensions["billing_collector"].start()
 
 

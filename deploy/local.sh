@@ -218,10 +218,11 @@ sys.exit(1)
 EOF
 }
 
-# A process that exists and is not a zombie.
+# A process that exists and is not a zombie. Builtins only (no child): see
+# cmd_run's wait loop.
 alive() {
   local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  { read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 1
   stat=${stat##*) }
   [ "${stat%% *}" != Z ]
 }
@@ -345,8 +346,15 @@ EOF
   "$PY" "$ROOT/gunicorn.conf.py" &
   RUN_GUNICORN=$!
   # Until Ctrl-C (the traps above) or until one of the three exits on its own.
+  # The loop forks nothing: bash drops a Ctrl-C that arrives while it waits
+  # for a child which then exits normally, and the traps would never run.
+  # The read times out on a pipe that never delivers (this shell holds its
+  # write end); the postmaster is watched by its PID.
+  local tick pg_pid
+  exec {tick}<> <(:)
+  pg_pid=$(pg_holder "$state/pg/data")
   while [ -z "$reason" ]; do
-    sleep 0.5
+    read -r -t 0.5 -u "$tick" || true
     if ! alive "$RUN_GUNICORN"; then
       ended "$RUN_GUNICORN"
       reason="gunicorn exited on its own ($ENDED; its output is above)"
@@ -355,7 +363,7 @@ EOF
       ended "$RUN_EXPORTER"
       reason="the demo exporter exited on its own ($ENDED; its output is above)"
       RUN_EXPORTER=''
-    elif [ -z "$(pg_holder "$state/pg/data")" ]; then
+    elif ! alive "${pg_pid:-0}"; then
       reason="PostgreSQL exited on its own (log: $state/pg/server.log)"
     fi
   done
