@@ -526,6 +526,7 @@ def parse_time(text) -> datetime | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)  # a page repeats a few minutes and collection times in every row and ledger id
 def format_time(stamp: datetime | None) -> str | None:
     """RFC3339 in UTC with Z, fractional seconds only when there are any."""
     return None if stamp is None else stamp.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -939,7 +940,9 @@ def _text(value) -> str:
     """A value in COPY's text format: NULL, a time, or text escaped (numbers and decimals go in as str())."""
     if value is None:
         return "\\N"
-    return format_time(value) if isinstance(value, datetime) else str(value).translate(_COPY_ESCAPES)
+    if isinstance(value, str):
+        return value.translate(_COPY_ESCAPES)
+    return format_time(value) if isinstance(value, datetime) else str(value)
 
 
 def _copy(cur, table: str, rows) -> None:

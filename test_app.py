@@ -292,8 +292,12 @@ def exporters():
         return server
 
     yield start
-    for server in started:
-        server.stop()
+    # Together: each stop waits up to serve_forever's 0.5 s poll, and a hypothesis test starts hundreds.
+    stopping = [threading.Thread(target=server.stop) for server in started]
+    for thread in stopping:
+        thread.start()
+    for thread in stopping:
+        thread.join()
 
 
 def source(source_id: str, server, **fields) -> dict:
