@@ -937,18 +937,16 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 
 def _text(value) -> str:
-    """A value in COPY's text format: NULL, a time, or text escaped (numbers and decimals go in as str())."""
+    """A label or a time in COPY's text format: NULL, a time, or text escaped."""
     if value is None:
         return "\\N"
-    if isinstance(value, str):
-        return value.translate(_COPY_ESCAPES)
-    return format_time(value) if isinstance(value, datetime) else str(value)
+    return format_time(value) if isinstance(value, datetime) else value.translate(_COPY_ESCAPES)
 
 
-def _copy(cur, table: str, rows) -> None:
-    """COPY rows of values into a scratch table, as UTF-8 bytes (a str costs up to 4 bytes a character)."""
-    text = "".join("\t".join(map(_text, row)) + "\n" for row in rows)
-    cur.copy_expert(f"COPY {table} FROM STDIN", io.BytesIO(text.encode()), size=65536)
+def _copy(cur, table: str, lines) -> None:
+    """COPY lines into a scratch table, as UTF-8 bytes. Accounts, ledger ids (canonical UUIDs) and numbers need no
+    escaping; labels and times, a few repeated in every row of a page, go through a per-page cache of _text."""
+    cur.copy_expert(f"COPY {table} FROM STDIN", io.BytesIO("".join(lines).encode()), size=65536)
 
 
 def read_series(conn, series: list) -> SeriesReads:
@@ -956,7 +954,8 @@ def read_series(conn, series: list) -> SeriesReads:
     costly prefix scan only when a series is new to the database."""
     with conn.cursor() as cur:
         cur.execute(_TEMP_TABLES)
-        _copy(cur, "page_series", series)
+        t = functools.lru_cache(maxsize=None)(_text)
+        _copy(cur, "page_series", [f"{t(key)}\t{t(node)}\t{account}\n" for key, node, account in series])
     known = {row[0] for row in _sql(conn, "SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s "
                                           "ON s.account_uuid = u.uuid", commit=False)}
     reads = SeriesReads(known, {}, set(), set(), {})
@@ -996,7 +995,7 @@ def as_decimal(value) -> Decimal:
 def lock_quota_states(conn, initial: dict) -> dict:
     """Create missing quota rows from ``initial``, then lock all of them in account order (no deadlocks)."""
     with conn.cursor() as cur:
-        _copy(cur, "page_quota", [(a, q.remaining, q.balance, None, None) for a, q in initial.items()])
+        _copy(cur, "page_quota", [f"{a}\t{q.remaining}\t{q.balance}\t\\N\t\\N\n" for a, q in initial.items()])
         cur.execute("""
             INSERT INTO account_quota_states (account_uuid, remaining_included_quota, current_balance, arrears,
               throttle_state, suspend_state) SELECT account_uuid, remaining, balance, balance < 0,
@@ -1021,14 +1020,15 @@ def billed_ids(conn, ids: list) -> set:
 def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict, dropped=(), taken=(),
                marks=None) -> None:
     """Write one page's facts inside its transaction (the caller commits); see MeteredPage for the rest."""
+    t = functools.lru_cache(maxsize=None)(_text)
     with conn.cursor() as cur:
         if marks:
             cur.execute("""INSERT INTO billing_node_marks AS m SELECT * FROM unnest(%s::text[], %s::timestamptz[])
                 ORDER BY 1 ON CONFLICT (node_id) DO UPDATE SET last_snapshot_at = GREATEST(m.last_snapshot_at,
                 EXCLUDED.last_snapshot_at)""", (list(marks), list(marks.values())))
         if buckets:
-            _copy(cur, "page_buckets", [(b.bucket_start, b.node_id, b.account, b.line_code, b.uplink, b.downlink,
-                                         b.multiplier, b.version) for b in buckets])
+            _copy(cur, "page_buckets", [f"{t(b.bucket_start)}\t{t(b.node_id)}\t{b.account}\t{t(b.line_code)}\t"
+                                        f"{b.uplink}\t{b.downlink}\t{b.multiplier}\t{t(b.version)}\n" for b in buckets])
             # Bytes accumulate: a second sample of a minute adds, never overwrites. Rows go in account order
             # here and in the ledger: an account's rows of a page share a leaf of the account-first index.
             cur.execute("""
@@ -1042,8 +1042,8 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                   EXCLUDED.multiplier, rating_status = 'rated', source_revision = EXCLUDED.source_revision,
                   updated_at = now()""", (region,))
         if ledger:
-            _copy(cur, "page_ledger", [(i, e.id, e.account, e.bucket_start, e.rated_bytes, e.amount, e.balance_after,
-                                        e.version) for i, e in enumerate(ledger)])
+            _copy(cur, "page_ledger", [f"{i}\t{e.id}\t{e.account}\t{t(e.bucket_start)}\t{e.rated_bytes}\t{e.amount}\t"
+                                       f"{e.balance_after}\t{t(e.version)}\n" for i, e in enumerate(ledger)])
             cur.execute("""
                 INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
                   amount_delta, balance_after, pricing_rule_version, created_at)
@@ -1051,8 +1051,8 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                   rated_bytes, amount_delta, balance_after, version, clock_timestamp() FROM page_ledger
                 ORDER BY account_uuid, seq""")
         if checkpoints:
-            _copy(cur, "page_checkpoints", [(key, account, c.uplink, c.downlink, c.last_seen_at, c.reset_epoch)
-                                            for (key, account), c in checkpoints.items()])
+            _copy(cur, "page_checkpoints", [f"{t(key)}\t{account}\t{c.uplink}\t{c.downlink}\t{t(c.last_seen_at)}\t"
+                                            f"{c.reset_epoch}\n" for (key, account), c in checkpoints.items()])
             cur.execute("""
                 INSERT INTO traffic_stat_checkpoints AS t (node_id, account_uuid, last_uplink_total,
                   last_downlink_total, last_seen_at, reset_epoch) SELECT * FROM page_checkpoints
@@ -1064,8 +1064,8 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                 cur.execute(f"DELETE FROM {table} WHERE (node_id, account_uuid) IN "
                             "(SELECT * FROM unnest(%s::text[], %s::uuid[]))", ([n for n, _ in pairs], [a for _, a in pairs]))
         if quota:
-            _copy(cur, "page_quota", [(a, q.remaining, q.balance, q.last_rated_bucket_at, q.arrears_since)
-                                      for a, q in quota.items()])
+            _copy(cur, "page_quota", [f"{a}\t{q.remaining}\t{q.balance}\t{t(q.last_rated_bucket_at)}\t"
+                                      f"{t(q.arrears_since)}\n" for a, q in quota.items()])
             cur.execute("""
                 UPDATE account_quota_states q SET remaining_included_quota = p.remaining, current_balance = p.balance,
                   arrears = p.balance < 0, arrears_since = p.arrears_since, last_rated_bucket_at = p.last_rated,

@@ -4782,6 +4782,26 @@ def test_delta_from_checkpoint(db, exporters, service):
     assert [(b[5], b[6], b[7]) for b in db.buckets()] == [(30, 60, 90)]
 
 
+COPY_SPECIAL_TAGS = ["", "tab\there", "back\\slash", "new\nline", "cr\rret", "\\N", "\\", "é\\t"]
+
+
+def test_tags_with_copy_text_specials_are_stored_and_continued_exactly(db, exporters, service):
+    """Pages reach PostgreSQL as COPY text: a tag holding a tab, newline, carriage return, backslash or a
+    literal \\N (COPY's NULL) is stored as sent, in buckets and checkpoints, and its series continues."""
+    db.add_users(A)
+    first = [(A, tag, 100 + i, 0) for i, tag in enumerate(COPY_SPECIAL_TAGS)]
+    second = [(A, tag, 100 + i + 7, 3) for i, tag in enumerate(COPY_SPECIAL_TAGS)]
+    _, svc = one_source(db, exporters, service, [snap(at(1, 5), *first), snap(at(2, 5), *second)])
+    status, result = svc.post()
+    assert (status, result["status"], result["invalid_samples"]) == (200, "ok", 0), result
+    totals = {(b[0], b[4]): b[7] for b in db.buckets()}
+    assert totals == {**{(at(1), tag): 100 + i for i, tag in enumerate(COPY_SPECIAL_TAGS)},
+                      **{(at(2), tag): 10 for tag in COPY_SPECIAL_TAGS}}
+    assert sorted(c[0] for c in db.checkpoints()) == sorted(billing.series_key(f"{ENV}:{NODE}", tag)
+                                                            for tag in COPY_SPECIAL_TAGS)
+    assert len(db.ledger()) == 2 * len(COPY_SPECIAL_TAGS)
+
+
 def test_failing_source_is_partial_and_keeps_its_watermark(db, exporters, service):
     db.add_users(A)
     good = exporters([snap(at(1, 5), (A, "", 100, 50))])
