@@ -342,17 +342,18 @@ Ctrl-C stops gunicorn, the demo exporter and PostgreSQL.
 
 EOF
   cd "$ROOT"
+  # From gunicorn's start on, this shell runs no command in the foreground:
+  # bash drops a Ctrl-C that arrives while it waits for a child which then
+  # exits normally, and the traps would never run. So the postmaster's PID
+  # and a pipe that never delivers (this shell holds its write end; reading
+  # it with a timeout is the loop's sleep) come first.
+  local tick pg_pid
+  pg_pid=$(pg_holder "$state/pg/data")
+  exec {tick}<> <(:)
   # The launcher: checks the configuration (one line, exit 2), then becomes gunicorn.
   "$PY" "$ROOT/gunicorn.conf.py" &
   RUN_GUNICORN=$!
   # Until Ctrl-C (the traps above) or until one of the three exits on its own.
-  # The loop forks nothing: bash drops a Ctrl-C that arrives while it waits
-  # for a child which then exits normally, and the traps would never run.
-  # The read times out on a pipe that never delivers (this shell holds its
-  # write end); the postmaster is watched by its PID.
-  local tick pg_pid
-  exec {tick}<> <(:)
-  pg_pid=$(pg_holder "$state/pg/data")
   while [ -z "$reason" ]; do
     read -r -t 0.5 -u "$tick" || true
     if ! alive "$RUN_GUNICORN"; then
