@@ -100,19 +100,19 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
 
 
 class Cluster:
-    def __init__(self, directory: str, durable: bool = False):
+    def __init__(self, directory: str, durable: bool = False, option: str = "", database: str = "billing_template"):
         self.dir = directory
         self.port = free_port()
         args = [os.path.join(ROOT, "deploy", "local.sh"), "pg-start", directory, str(self.port)]
-        if durable:
-            args.append("--durable")
+        if durable or option:
+            args.append(option or "--durable")
         self.admin_dsn = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
         admin = self.admin()
         with admin.cursor() as cur:
             cur.execute("CREATE ROLE billing LOGIN PASSWORD %s", (DB_PASSWORD,))
-            cur.execute("CREATE DATABASE billing_template OWNER billing")
+            cur.execute(f"CREATE DATABASE {database} OWNER billing")
         admin.close()
-        with psycopg2.connect(self.url("billing_template")) as conn, conn.cursor() as cur:
+        with psycopg2.connect(self.url(database)) as conn, conn.cursor() as cur:
             cur.execute(open(os.path.join(ROOT, "deploy", "users_stub.sql")).read())
             cur.execute(open(os.path.join(ROOT, "schema.sql")).read())
         conn.close()
@@ -7500,6 +7500,16 @@ def tls_service_user():
         subprocess.run(["groupdel", name], check=False, capture_output=True)
 
 
+def terminate_session(proc) -> None:
+    """SIGTERM (gunicorn's graceful stop), then SIGKILL to its whole session after 40 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
         db, exporters, deploy_root, tls_service_user, tmp_path, listener_pki, pki):
     """The three variables reach the env file; the unit's command, as its user,
@@ -7544,12 +7554,7 @@ def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
         with pytest.raises(requests.ConnectionError):
             requests.get(url, verify=listener_pki.trust, timeout=10)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate_session(proc)
         log.close()
     assert proc.returncode == 0, open(tmp_path / "service.log").read()
 
@@ -7652,12 +7657,7 @@ def test_real_run_installs_a_service_that_starts_from_its_unit_then_changes_noth
         (bucket,) = wait_for(db.buckets, timeout=10, what="the bucket billed by the deployed service")
         assert bucket[2:5] == (A, TRICKY_REGION, "xhttp") and bucket[7] == 150
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        terminate_session(proc)
         log.close()
     assert proc.returncode == 0, open(tmp_path / "service.log").read()
 
@@ -9032,19 +9032,7 @@ class DefaultsCluster(Cluster):
     and one database with the users stub and schema.sql."""
 
     def __init__(self, directory: str):
-        self.dir, self.port = directory, free_port()
-        self.admin_dsn = subprocess.run(
-            [os.path.join(ROOT, "deploy", "local.sh"), "pg-start", directory, str(self.port), "--defaults"],
-            check=True, capture_output=True, text=True).stdout.strip()
-        admin = self.admin()
-        with admin.cursor() as cur:
-            cur.execute("CREATE ROLE billing LOGIN PASSWORD %s", (DB_PASSWORD,))
-            cur.execute("CREATE DATABASE billing_bench OWNER billing")
-        admin.close()
-        with psycopg2.connect(self.url("billing_bench")) as conn, conn.cursor() as cur:
-            cur.execute(open(os.path.join(ROOT, "deploy", "users_stub.sql")).read())
-            cur.execute(open(os.path.join(ROOT, "schema.sql")).read())
-        conn.close()
+        super().__init__(directory, option="--defaults", database="billing_bench")
 
     def superuser(self, name: str = "billing_bench"):
         """A superuser connection to database `name` (statistics, CHECKPOINT, the bulk load)."""
