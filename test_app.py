@@ -7125,6 +7125,22 @@ def test_a_balance_written_with_more_digits_lands_on_the_quantum_with_the_next_c
     assert second == first - Decimal("0.001462") == money(db.quota()[0][2])
 
 
+def test_a_balance_leaving_the_exact_range_is_logged_once_per_account(db, exporters, service, app_log):
+    """Beyond quantum x 10**15 (one million units at 1e-9) a double no longer holds every value on the
+    quantum: the first page that takes an account there logs it, later pages do not again."""
+    db.add_users(A, B)
+    server, svc = one_source(db, exporters, service, [
+        snap(at(1, 5), (A, "", 1000, 0), (B, "", 10, 0)), snap(at(2, 5), (A, "", 3_000_001_000, 0), (B, "", 20, 0)),
+        snap(at(3, 5), (A, "", 3_000_001_010, 0), (B, "", 30, 0))])
+    server.page_cap = 1  # one snapshot a page: the range is checked page by page
+    status, result = svc.post()
+    assert (status, result["status"], by_source(result)["a"]["pages"]) == (200, "ok", 3), result
+    assert money(db.one("SELECT current_balance FROM account_quota_states WHERE account_uuid = %s", (A,))[0]) \
+        == Decimal("-1500000505")
+    logged = events(app_log, "balance_out_of_exact_range")
+    assert [(e["account"], e["limit"]) for e in logged] == [(A, "1000000.000000000")], logged
+
+
 # ---- deployment: Ansible playbook and systemd unit ---------------------------------------
 
 DEPLOY = os.path.join(ROOT, "deploy")
