@@ -936,6 +936,7 @@ CREATE TEMP TABLE IF NOT EXISTS page_checkpoints (node_id TEXT, account_uuid UUI
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
+@functools.lru_cache(maxsize=4096)  # a page repeats a few labels and minutes in every row
 def _text(value) -> str:
     """A label or a time in COPY's text format: NULL, a time, or text escaped."""
     if value is None:
@@ -945,7 +946,7 @@ def _text(value) -> str:
 
 def _copy(cur, table: str, lines) -> None:
     """COPY lines into a scratch table, as UTF-8 bytes. Accounts, ledger ids (canonical UUIDs) and numbers need no
-    escaping; labels and times, a few repeated in every row of a page, go through a per-page cache of _text."""
+    escaping; labels and times go through _text."""
     cur.copy_expert(f"COPY {table} FROM STDIN", io.BytesIO("".join(lines).encode()), size=65536)
 
 
@@ -954,8 +955,7 @@ def read_series(conn, series: list) -> SeriesReads:
     costly prefix scan only when a series is new to the database."""
     with conn.cursor() as cur:
         cur.execute(_TEMP_TABLES)
-        t = functools.lru_cache(maxsize=None)(_text)
-        _copy(cur, "page_series", [f"{t(key)}\t{t(node)}\t{account}\n" for key, node, account in series])
+        _copy(cur, "page_series", [f"{_text(key)}\t{_text(node)}\t{account}\n" for key, node, account in series])
     known = {row[0] for row in _sql(conn, "SELECT DISTINCT u.uuid::text FROM users u JOIN page_series s "
                                           "ON s.account_uuid = u.uuid", commit=False)}
     reads = SeriesReads(known, {}, set(), set(), {})
@@ -1020,15 +1020,14 @@ def billed_ids(conn, ids: list) -> set:
 def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dict, dropped=(), taken=(),
                marks=None) -> None:
     """Write one page's facts inside its transaction (the caller commits); see MeteredPage for the rest."""
-    t = functools.lru_cache(maxsize=None)(_text)
     with conn.cursor() as cur:
         if marks:
             cur.execute("""INSERT INTO billing_node_marks AS m SELECT * FROM unnest(%s::text[], %s::timestamptz[])
                 ORDER BY 1 ON CONFLICT (node_id) DO UPDATE SET last_snapshot_at = GREATEST(m.last_snapshot_at,
                 EXCLUDED.last_snapshot_at)""", (list(marks), list(marks.values())))
         if buckets:
-            _copy(cur, "page_buckets", [f"{t(b.bucket_start)}\t{t(b.node_id)}\t{b.account}\t{t(b.line_code)}\t"
-                                        f"{b.uplink}\t{b.downlink}\t{b.multiplier}\t{t(b.version)}\n" for b in buckets])
+            _copy(cur, "page_buckets", [f"{_text(b.bucket_start)}\t{_text(b.node_id)}\t{b.account}\t{_text(b.line_code)}\t"
+                                        f"{b.uplink}\t{b.downlink}\t{b.multiplier}\t{_text(b.version)}\n" for b in buckets])
             # Bytes accumulate: a second sample of a minute adds, never overwrites. Rows go in account order
             # here and in the ledger: an account's rows of a page share a leaf of the account-first index.
             cur.execute("""
@@ -1042,8 +1041,8 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                   EXCLUDED.multiplier, rating_status = 'rated', source_revision = EXCLUDED.source_revision,
                   updated_at = now()""", (region,))
         if ledger:
-            _copy(cur, "page_ledger", [f"{i}\t{e.id}\t{e.account}\t{t(e.bucket_start)}\t{e.rated_bytes}\t{e.amount}\t"
-                                       f"{e.balance_after}\t{t(e.version)}\n" for i, e in enumerate(ledger)])
+            _copy(cur, "page_ledger", [f"{i}\t{e.id}\t{e.account}\t{_text(e.bucket_start)}\t{e.rated_bytes}\t{e.amount}\t"
+                                       f"{e.balance_after}\t{_text(e.version)}\n" for i, e in enumerate(ledger)])
             cur.execute("""
                 INSERT INTO billing_ledger (id, account_uuid, bucket_start, bucket_end, entry_type, rated_bytes,
                   amount_delta, balance_after, pricing_rule_version, created_at)
@@ -1051,7 +1050,7 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                   rated_bytes, amount_delta, balance_after, version, clock_timestamp() FROM page_ledger
                 ORDER BY account_uuid, seq""")
         if checkpoints:
-            _copy(cur, "page_checkpoints", [f"{t(key)}\t{account}\t{c.uplink}\t{c.downlink}\t{t(c.last_seen_at)}\t"
+            _copy(cur, "page_checkpoints", [f"{_text(key)}\t{account}\t{c.uplink}\t{c.downlink}\t{_text(c.last_seen_at)}\t"
                                             f"{c.reset_epoch}\n" for (key, account), c in checkpoints.items()])
             cur.execute("""
                 INSERT INTO traffic_stat_checkpoints AS t (node_id, account_uuid, last_uplink_total,
@@ -1064,8 +1063,8 @@ def write_page(conn, region: str, buckets, ledger, checkpoints: dict, quota: dic
                 cur.execute(f"DELETE FROM {table} WHERE (node_id, account_uuid) IN "
                             "(SELECT * FROM unnest(%s::text[], %s::uuid[]))", ([n for n, _ in pairs], [a for _, a in pairs]))
         if quota:
-            _copy(cur, "page_quota", [f"{a}\t{q.remaining}\t{q.balance}\t{t(q.last_rated_bucket_at)}\t"
-                                      f"{t(q.arrears_since)}\n" for a, q in quota.items()])
+            _copy(cur, "page_quota", [f"{a}\t{q.remaining}\t{q.balance}\t{_text(q.last_rated_bucket_at)}\t"
+                                      f"{_text(q.arrears_since)}\n" for a, q in quota.items()])
             cur.execute("""
                 UPDATE account_quota_states q SET remaining_included_quota = p.remaining, current_balance = p.balance,
                   arrears = p.balance < 0, arrears_since = p.arrears_since, last_rated_bucket_at = p.last_rated,

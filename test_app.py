@@ -100,12 +100,13 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str
 
 
 class Cluster:
-    def __init__(self, directory: str, durable: bool = False, option: str = "", database: str = "billing_template"):
+    def __init__(self, directory: str, option: str = "", database: str = "billing_template"):
+        """``option``: pg-start's --durable or --defaults (none: the suite's fast, non-durable settings)."""
         self.dir = directory
         self.port = free_port()
         args = [os.path.join(ROOT, "deploy", "local.sh"), "pg-start", directory, str(self.port)]
-        if durable or option:
-            args.append(option or "--durable")
+        if option:
+            args.append(option)
         self.admin_dsn = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
         admin = self.admin()
         with admin.cursor() as cur:
@@ -8902,7 +8903,7 @@ def test_bench_backlog_catch_up():
     n_pushes = int(os.environ.get("BENCH_PUSHES", "30"))
     directory = tempfile.mkdtemp(prefix="billing-bench-pg-")
     os.chmod(directory, 0o755)
-    pg = Cluster(directory, durable=True)
+    pg = Cluster(directory, "--durable")
     exporter = service = None
     try:
         db = Db(pg.new_database())
