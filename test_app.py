@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grp
 import http.client
+import io
 
 import collections
 import glob
@@ -9059,13 +9060,12 @@ class DefaultsCluster(Cluster):
 
 
 def io_counters(conn) -> dict:
-    """Cumulative counters: the cluster's WAL and checkpoints; this database's blocks read from outside
+    """Cumulative counters: the cluster's checkpoints; this database's blocks read from outside
     shared_buffers (all user tables; per table and per index of HISTORY_TABLES), buffer hits, rows
-    inserted and autovacuum runs."""
+    inserted and autovacuum runs. (WAL is counted from the WAL itself, see wal_between: pg_stat_wal's
+    counters arrive when each backend reports them, up to seconds late.)"""
     out = {}
     with conn.cursor() as cur:
-        cur.execute("SELECT wal_bytes, wal_fpi, wal_records FROM pg_stat_wal")
-        out["wal_bytes"], out["wal_fpi"], out["wal_records"] = (int(v) for v in cur.fetchone())
         cur.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
         out["checkpoints"] = cur.fetchone()[0]
         cur.execute("""SELECT relname, coalesce(heap_blks_read, 0), coalesce(idx_blks_read, 0),
@@ -9252,16 +9252,18 @@ def load_history(conn, accounts: list, first: datetime, minutes: int, price: flo
     return done, time.perf_counter() - began
 
 
-def full_page_images_by_relation(stats, data_dir: str, start_lsn: str, end_lsn: str) -> dict:
-    """{relation name: full-page images} in the WAL from start_lsn to end_lsn (pg_waldump over the
-    segments a replication slot kept), for the relations of this database; the rest under "(other)"."""
+def wal_between(stats, data_dir: str, start_lsn: str, end_lsn: str) -> tuple[int, dict]:
+    """The WAL from start_lsn to end_lsn (pg_waldump over the segments a replication slot kept): its
+    records, and {relation name: full-page images} for the relations of this database, the rest under
+    "(other)"."""
     waldump = os.path.join(sorted(glob.glob("/usr/lib/postgresql/*/bin"),
                                   key=lambda d: int(d.split("/")[-2]))[-1], "pg_waldump")
     image = re.compile(r"rel \d+/(\d+)/(\d+)(?: fork \w+)? blk \d+ FPW")
-    counts = collections.Counter()
+    counts, records = collections.Counter(), 0
     with subprocess.Popen([waldump, "-p", os.path.join(data_dir, "pg_wal"), "-s", start_lsn, "-e", end_lsn],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as dump:
         for line in dump.stdout:
+            records += 1
             counts.update(image.findall(line))
         error = dump.stderr.read()
     assert dump.returncode == 0, error[-500:]
@@ -9272,14 +9274,42 @@ def full_page_images_by_relation(stats, data_dir: str, start_lsn: str, end_lsn: 
     out = collections.Counter()
     for key, n in counts.items():
         out[names.get(key, "(other)")] += n
-    return dict(out)
+    return records, dict(out)
+
+
+def cpu_seconds(data_dir: str, service, exporter) -> dict:
+    """CPU seconds used so far: by the service's workers; by PostgreSQL (the postmaster, its live children,
+    and its exited children, which the kernel adds to it when it reaps them); by the exporter; and the
+    machine's user + system, iowait and idle time."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int, reaped: bool = False) -> float:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # gone meanwhile
+            return 0.0
+        return sum(int(v) for v in fields[11:15 if reaped else 13]) / tick  # utime, stime[, cutime, cstime]
+
+    def children(pid: int) -> list:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+
+    with open(os.path.join(data_dir, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    with open("/proc/stat") as f:
+        machine = [int(v) / tick for v in f.readline().split()[1:]]
+    return {"worker": sum(map(used, children(service.proc.pid))),
+            "postgresql": used(postmaster, reaped=True) + sum(map(used, children(postmaster))),
+            "exporter": used(exporter.pid), "machine user + system": sum(machine[:3]) + sum(machine[5:8]),
+            "machine iowait": machine[4], "machine idle": machine[3]}
 
 
 def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accounts: int, data_dir: str) -> dict:
     """One catch-up of `snapshots` x n_accounts samples from `first`, after a CHECKPOINT, through the
-    service's HTTP job endpoint; its time, counter deltas, full-page images by relation (a replication
-    slot keeps the phase's WAL for pg_waldump; it changes what is kept, not what is written) and rows
-    checked."""
+    service's HTTP job endpoint; its time, counter deltas, the WAL written from its start to its end (bytes,
+    records, full-page images by relation: a replication slot keeps it for pg_waldump; it changes what is
+    kept, not what is written) and rows checked."""
     exporter.stdin.write(f"{dx.to_ns(first)} {dx.to_ns(first + (snapshots - 1) * MINUTE)}\n")
     exporter.stdin.flush()
     assert exporter.stdout.readline().strip() == "ok"
@@ -9288,17 +9318,21 @@ def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accou
         cur.execute("CHECKPOINT")
         cur.execute("SELECT pg_current_wal_lsn()::text")
         start_lsn = cur.fetchone()[0]
-    before = io_counters(stats)
+        cur.execute("SELECT pg_stat_force_next_flush()")  # this session's own counters (the load's), now
+    before, cpu = io_counters(stats), cpu_seconds(data_dir, service, exporter)
     began = time.perf_counter()
     status, result = service.post(timeout=3600)
     elapsed = time.perf_counter() - began
+    cpu = {key: value - cpu[key] for key, value in cpu_seconds(data_dir, service, exporter).items()}
+    with stats.cursor() as cur:
+        cur.execute("SELECT pg_current_wal_lsn()::text, pg_wal_lsn_diff(pg_current_wal_lsn(), %s)::bigint",
+                    (start_lsn,))
+        end_lsn, wal_bytes = cur.fetchone()
     assert status == 200 and result["status"] == "ok", result
     samples = snapshots * n_accounts
     assert result["processed_samples"] == samples, result
     after = settled_counters(stats, before, samples)
     with stats.cursor() as cur:
-        cur.execute("SELECT pg_current_wal_lsn()::text")
-        end_lsn = cur.fetchone()[0]
         # Speed buys nothing off the bill: every byte of the phase is in it, once.
         cur.execute("""SELECT count(*), sum(total_bytes) FROM traffic_minute_buckets
                        WHERE bucket_start BETWEEN %s AND %s""", (first, first + (snapshots - 1) * MINUTE))
@@ -9309,12 +9343,13 @@ def run_phase(service, exporter, stats, first: datetime, snapshots: int, n_accou
     assert buckets == (samples, snapshots * sum(4000 + i % 7 + i % 11 for i in range(n_accounts))), buckets
     assert ledger == samples, ledger
     try:
-        images = full_page_images_by_relation(stats, data_dir, start_lsn, end_lsn)
+        records, images = wal_between(stats, data_dir, start_lsn, end_lsn)
     finally:
         with stats.cursor() as cur:
             cur.execute("SELECT pg_drop_replication_slot('bench_wal')")
-    assert sum(images.values()) >= after["wal_fpi"] - before["wal_fpi"] - 100, (images, after, before)
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    delta.update({"wal_bytes": wal_bytes, "wal_records": records, "wal_fpi": sum(images.values()),
+                  **{("cpu", key): value for key, value in cpu.items()}})
     return {"seconds": elapsed, "samples": samples, "delta": delta, "sizes": relation_sizes(stats),
             "images": images}
 
@@ -9323,8 +9358,21 @@ def ratio_text(new: float, old: float) -> str:
     return f"{new / old:.2f}" if old else ("-" if not new else "from 0")
 
 
-def print_history_report(settings_text, load_lines, load_seconds, history_rows, phases, loaded_sizes, n_accounts):
-    one, two = phases
+def combined(phases: list) -> dict:
+    """Phases taken together: their samples, seconds, counter deltas and images summed."""
+    total = {"samples": sum(p["samples"] for p in phases), "seconds": sum(p["seconds"] for p in phases),
+             "delta": collections.Counter(), "images": collections.Counter()}
+    for p in phases:
+        total["delta"].update(p["delta"])
+        total["images"].update(p["images"])
+    return total
+
+
+def print_history_report(settings_text, load_lines, load_seconds, history_rows, rounds, loaded_sizes, n_accounts):
+    """``rounds``: (phase 1 of each round, phase 2 of each round); the first phase 1 ran before the load, into
+    the database that then got the history, and gives the sizes and the growth per day."""
+    first, last = rounds[0][0], rounds[1][-1]
+    phases = one, two = combined(rounds[0]), combined(rounds[1])
     per = [{k: v / p["samples"] for k, v in p["delta"].items()} for p in phases]
     rows = [("samples/s", one["samples"] / one["seconds"], two["samples"] / two["seconds"], "{:,.0f}"),
             ("seconds", one["seconds"], two["seconds"], "{:.1f}"),
@@ -9332,12 +9380,15 @@ def print_history_report(settings_text, load_lines, load_seconds, history_rows, 
             ("full-page images/sample", per[0]["wal_fpi"], per[1]["wal_fpi"], "{:.3f}"),
             ("WAL records/sample", per[0]["wal_records"], per[1]["wal_records"], "{:.2f}"),
             ("blocks read/sample, all tables", per[0]["read"], per[1]["read"], "{:.3f}")]
-    for name, (table, _) in two["sizes"].items():
+    for name, (table, _) in last["sizes"].items():
         key = ("heap", name) if name == table else ("index", name)
         rows.append((f"  {name} ({key[0]})", per[0].get(key, 0), per[1].get(key, 0), "{:.3f}"))
     rows += [("  other tables (heap + indexes)", per[0]["read other"], per[1]["read other"], "{:.3f}"),
              ("buffer hits/sample, all tables", per[0]["hit"], per[1]["hit"], "{:.1f}"),
-             ("checkpoints during the phase", one["delta"]["checkpoints"], two["delta"]["checkpoints"], "{:.0f}"),
+             *((f"CPU seconds per 10,000 samples: {name}", 1e4 * per[0][("cpu", name)], 1e4 * per[1][("cpu", name)],
+                "{:.3f}") for name in ("worker", "postgresql", "exporter", "machine user + system",
+                                       "machine iowait", "machine idle")),
+             ("checkpoints during the phases", one["delta"]["checkpoints"], two["delta"]["checkpoints"], "{:.0f}"),
              ("autovacuum + autoanalyze runs, both tables",
               sum(v for k, v in one["delta"].items() if isinstance(k, tuple) and k[0] == "autovacuum"),
               sum(v for k, v in two["delta"].items() if isinstance(k, tuple) and k[0] == "autovacuum"), "{:.0f}")]
@@ -9345,10 +9396,20 @@ def print_history_report(settings_text, load_lines, load_seconds, history_rows, 
     print(f"bench-history: history {history_rows:,} rows loaded in {load_seconds:.0f} s:")
     for line in load_lines:
         print(f"bench-history:   {line}")
-    print(f"bench-history: phase 1 = {one['samples']:,} samples into the empty database; phase 2 = the next "
-          f"{two['samples']:,} samples with the history; each after a CHECKPOINT, through gunicorn (1 worker); "
-          "per sample = per billed sample; WAL and checkpoints are the cluster's; blocks read = blocks not "
-          "found in shared_buffers (read from the OS, new pages included)\n")
+    print(f"bench-history: {len(rounds[0])} rounds, one after the other; in each, phase 1 = {first['samples']:,} "
+          "samples into an empty database (round 1: before the load, into the database that then gets the "
+          "history; later rounds: a database that never held any), then phase 2 = the same number of samples, "
+          "the same minutes as that round's phase 1 from round 2 on, into the database with the history; each "
+          "phase after a CHECKPOINT, through gunicorn (1 worker); the phases of all rounds taken together "
+          "(samples/s = their samples / their seconds); per sample = per billed sample; WAL and checkpoints are "
+          "the cluster's; blocks read = blocks not found in shared_buffers (read from the OS, new pages "
+          "included)\n")
+    print("| round | phase 1: samples/s | phase 2: samples/s | ratio 2/1 |")
+    print("| --- | ---: | ---: | ---: |")
+    for k, (a, b) in enumerate(zip(*rounds)):
+        print(f"| {k + 1} | {a['samples'] / a['seconds']:,.0f} | {b['samples'] / b['seconds']:,.0f} | "
+              f"{ratio_text(b['samples'] / b['seconds'], a['samples'] / a['seconds'])} |")
+    print(f"| all | {rows[0][1]:,.0f} | {rows[0][2]:,.0f} | {ratio_text(rows[0][2], rows[0][1])} |\n")
     print("| figure | phase 1: empty database | phase 2: with history | ratio 2/1 |")
     print("| --- | ---: | ---: | ---: |")
     for label, a, b, fmt in rows:
@@ -9363,32 +9424,33 @@ def print_history_report(settings_text, load_lines, load_seconds, history_rows, 
         print(f"| {name} | {per_image[0].get(name, 0):.4f} | {per_image[1].get(name, 0):.4f} |")
     print("| everything else | " + " | ".join(f"{sum(v for n, v in p.items() if n not in shown):.4f}"
                                              for p in per_image) + " |")
-    cycles = 1 + two["delta"]["checkpoints"]
+    cycles = len(rounds[1]) + two["delta"]["checkpoints"]
     floor = len(ACCOUNT_FIRST_INDEXES) * n_accounts * cycles
     actual = sum(two["images"].get(name, 0) for name in ACCOUNT_FIRST_INDEXES)
     print(f"\nbench-history: the account-first indexes' floor in phase 2: {len(ACCOUNT_FIRST_INDEXES)} indexes x "
-          f"{n_accounts:,} accounts x {cycles} checkpoint cycles (the one before the phase + {cycles - 1} during it) "
+          f"{n_accounts:,} accounts x {cycles} checkpoint cycles (one before each phase 2 + {cycles - len(rounds[1])} "
+          "during them) "
           f"= {floor:,} full-page images ({floor / two['samples']:.3f}/sample); measured on them: {actual:,} "
           f"({actual / two['samples']:.3f}/sample); on everything: {sum(two['images'].values()):,}")
     mib = 1 << 20
-    print("\n| relation | MiB after phase 1 | MiB after the load | MiB after phase 2 |")
+    print("\n| relation | MiB after phase 1 | MiB after the load | MiB after the last phase 2 |")
     print("| --- | ---: | ---: | ---: |")
-    for name, (_, size) in two["sizes"].items():
-        print(f"| {name} | {one['sizes'].get(name, (0, 0))[1] / mib:,.1f} | "
+    for name, (_, size) in last["sizes"].items():
+        print(f"| {name} | {first['sizes'].get(name, (0, 0))[1] / mib:,.1f} | "
               f"{loaded_sizes.get(name, (0, 0))[1] / mib:,.1f} | {size / mib:,.1f} |")
-    # Phase 1 started from empty tables: what they hold after it is what its samples added.
+    # Round 1's phase 1 started from empty tables: what they hold after it is what its samples added.
     print(f"\nbench-history: growth per day at 10,000 active accounts ({SAMPLES_PER_DAY / 1e6:.1f} M samples/day), "
-          "from phase 1 (bytes per sample x samples per day):\n")
+          "from round 1's phase 1 (bytes per sample x samples per day):\n")
     print("| relation | rows/day | bytes/sample | GiB/day |")
     print("| --- | ---: | ---: | ---: |")
     total = 0.0
-    for name, (table, size) in one["sizes"].items():
-        per_sample = size / one["samples"]
+    for name, (table, size) in first["sizes"].items():
+        per_sample = size / first["samples"]
         total += per_sample
-        rows_day = f"{one['rows'][name] / one['samples'] * SAMPLES_PER_DAY / 1e6:.1f} M" if name == table else ""
+        rows_day = f"{first['rows'][name] / first['samples'] * SAMPLES_PER_DAY / 1e6:.1f} M" if name == table else ""
         print(f"| {name} | {rows_day} | {per_sample:,.1f} | {per_sample * SAMPLES_PER_DAY / (1 << 30):,.2f} |")
     print(f"| both tables with their indexes | | {total:,.1f} | {total * SAMPLES_PER_DAY / (1 << 30):,.2f} |")
-    print(f"| WAL (phase 1) | | {per[0]['wal_bytes']:,.0f} | "
+    print(f"| WAL (phase 1, all rounds) | | {per[0]['wal_bytes']:,.0f} | "
           f"{per[0]['wal_bytes'] * SAMPLES_PER_DAY / (1 << 30):,.2f} |")
 
 
@@ -9396,20 +9458,31 @@ def print_history_report(settings_text, load_lines, load_seconds, history_rows, 
 def test_bench_history_catch_up():
     """The catch-up into an empty database and into one holding BENCH_HISTORY (default 20 M) older ledger
     rows and as many buckets (20 M: 1.4 days at 10,000 accounts), in one run on one durable cluster with PostgreSQL's default
-    settings (plus BENCH_PG_SETTINGS): samples/s, WAL bytes, full-page images and blocks read per
-    sample of each phase, with the ratios; the sizes of both tables' indexes; a day's growth."""
+    settings (plus BENCH_PG_SETTINGS), in BENCH_ROUNDS (4) rounds of a phase without the history, then one
+    with it (a noisy machine moves both alike): samples/s, WAL bytes, full-page images and blocks read per
+    sample of each, with the ratios; the sizes of both tables' indexes; a day's growth."""
     n_accounts = int(os.environ.get("BENCH_ACCOUNTS", "10000"))
     n_snapshots = int(os.environ.get("BENCH_SNAPSHOTS", "30"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "4"))
     history_rows = int(os.environ.get("BENCH_HISTORY") or "20000000")
     minutes = history_rows // n_accounts  # N ledger rows, and as many buckets
     assert minutes >= 1, f"BENCH_HISTORY={history_rows} is under one minute of {n_accounts} accounts"
+    assert rounds >= 1, f"BENCH_ROUNDS={rounds}"
     price = 0.000001
     directory = tempfile.mkdtemp(prefix="billing-bench-history-pg-")
     os.chmod(directory, 0o755)
     pg = DefaultsCluster(directory)
-    exporter = service = stats = None
+    exporter = stats = None
+    services, connections = [], []
     try:
+        # Rounds after the first bill into empty copies made now, while the template has no session.
+        admin = pg.admin()
+        with admin.cursor() as cur:
+            for k in range(1, rounds):
+                cur.execute(f"CREATE DATABASE billing_empty_{k} TEMPLATE billing_bench OWNER billing")
+        admin.close()
         stats = pg.superuser()
+        connections.append(stats)
         with stats.cursor() as cur:
             cur.execute("SELECT version()")
             version = cur.fetchone()[0].split(" on ")[0]
@@ -9422,28 +9495,48 @@ def test_bench_history_catch_up():
                         "'unix_socket_directories')")
             extra = cur.fetchone()[0]
             settings_text += f"; set on the command line: {extra or 'nothing'}"
-        db = Db(pg.url("billing_bench"))
         accounts = dx.demo_accounts(n_accounts)
-        db.q("INSERT INTO users (uuid) SELECT unnest(%s::uuid[])", (accounts,))
-        # Phase 1's first minute: far enough back that both phases are whole past minutes; history before it.
-        start = datetime.now(UTC).replace(second=0, microsecond=0) - (2 * n_snapshots + 2) * MINUTE
+        # Round 1's phase 1 bills the first minutes, the history lies before them; phase 2 of round k bills
+        # the next minutes after round k - 1's, and phase 1 of rounds 2 and on the same minutes as their phase
+        # 2. All far enough back to be whole past minutes.
+        start = datetime.now(UTC).replace(second=0, microsecond=0) - ((rounds + 1) * n_snapshots + 2) * MINUTE
         exporter = subprocess.Popen(
             [sys.executable, "-c", PHASE_EXPORTER, ROOT, TOKEN, str(n_accounts), str(int(start.timestamp()))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         exporter_url = exporter.stdout.readline().strip()
         assert exporter_url.startswith("http://127.0.0.1:"), exporter_url
-        db.set_watermark("bench", start - MINUTE)
         bench_source = {"source_id": "bench", "base_url": exporter_url, "expected_node_id": "demo-node",
                         "expected_env": "demo", "timeout_seconds": 120}
-        service = Gunicorn(service_env(db, [bench_source], PRICE_PER_BYTE=str(price)), workers=1).start()
 
-        one = run_phase(service, exporter, stats, start, n_snapshots, n_accounts,
-                        os.path.join(directory, "data"))
+        def service(name: str, first: datetime, state_from=None):
+            """billing-service on database `name`, its watermark before `first`; with ``state_from``, that
+            database's checkpoints, quota rows and node marks copied (the history's state, not its rows)."""
+            db = Db(pg.url(name))
+            connections.append(db.conn)
+            db.q("INSERT INTO users (uuid) SELECT unnest(%s::uuid[])", (accounts,))
+            db.set_watermark("bench", first - MINUTE)
+            copied = () if state_from is None else ("traffic_stat_checkpoints", "account_quota_states",
+                                                    "billing_node_marks")
+            for table in copied:
+                rows = io.StringIO()
+                with state_from.cursor() as source, db.conn.cursor() as target:
+                    source.copy_expert(f"COPY {table} TO STDOUT", rows)
+                    rows.seek(0)
+                    target.copy_expert(f"COPY {table} FROM STDIN", rows)
+            services.append(Gunicorn(service_env(db, [bench_source], PRICE_PER_BYTE=str(price)), workers=1).start())
+            return services[-1]
+
+        def phase(gunicorn, conn, first: datetime) -> dict:
+            return run_phase(gunicorn, exporter, conn, first, n_snapshots, n_accounts,
+                             os.path.join(directory, "data"))
+
+        history = service("billing_bench", start)
+        empty, full = [phase(history, stats, start)], []
         with stats.cursor() as cur:
             cur.execute("SELECT count(*) FROM billing_ledger")
             ledger_rows = cur.fetchone()[0]
             cur.execute("SELECT count(*) FROM traffic_minute_buckets")
-            one["rows"] = dict(zip(HISTORY_TABLES, (ledger_rows, cur.fetchone()[0])))
+            empty[0]["rows"] = dict(zip(HISTORY_TABLES, (ledger_rows, cur.fetchone()[0])))
 
         load_lines, load_seconds = load_history(stats, accounts, start - minutes * MINUTE, minutes, price)
         loaded_sizes = relation_sizes(stats)
@@ -9455,18 +9548,26 @@ def test_bench_history_catch_up():
             assert cur.fetchone() == (minutes * n_accounts,
                                       minutes * sum(4000 + i % 7 + i % 11 for i in range(n_accounts)))
 
-        two = run_phase(service, exporter, stats, start + n_snapshots * MINUTE, n_snapshots, n_accounts,
-                        os.path.join(directory, "data"))
-        db.close()
-        print_history_report(settings_text, load_lines, load_seconds, 2 * minutes * n_accounts, (one, two),
+        for k in range(rounds):
+            first = start + (k + 1) * n_snapshots * MINUTE
+            if k:  # this round's phase 2 in a database without the history: its state, none of its rows
+                name = f"billing_empty_{k}"
+                superuser = pg.superuser(name)
+                connections.append(superuser)
+                empty.append(phase(service(name, first, state_from=stats), superuser, first))
+                services[-1].stop()
+                # Its sessions report their counters as they go, and no autovacuum of it runs in phase 2.
+                pg.drop_database(pg.url(name))
+            full.append(phase(history, stats, first))
+        print_history_report(settings_text, load_lines, load_seconds, 2 * minutes * n_accounts, (empty, full),
                              loaded_sizes, n_accounts)
     finally:
-        if service is not None:
-            service.stop()
-            service.remove_logs()
+        for gunicorn in services:
+            gunicorn.stop()
+            gunicorn.remove_logs()
         if exporter is not None:
             exporter.terminate()
             exporter.wait(10)
-        if stats is not None:
-            stats.close()
+        for conn in connections:
+            conn.close()
         pg.stop()

@@ -14,9 +14,10 @@
 #   ./deploy/local.sh bench [--full | --history N]
 #                              the throughput benchmark (about a minute;
 #                              --full bills a whole day for 10,000 accounts;
-#                              --history N: the catch-up before and after N older
-#                              ledger rows and as many buckets, on PostgreSQL's
-#                              defaults; 20000000 is 1.4 days of 10,000 accounts)
+#                              --history N: the catch-up without and with N older
+#                              ledger rows and as many buckets, four rounds
+#                              alternating, on PostgreSQL's defaults; 20000000
+#                              is 1.4 days of 10,000 accounts)
 #   ./deploy/local.sh pg-start DIR PORT [--durable | --defaults]
 #                              start a throwaway cluster in DIR on 127.0.0.1:PORT
 #                              and print its superuser DSN (used by the tests);
