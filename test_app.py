@@ -9289,7 +9289,8 @@ def cpu_seconds(data_dir: str, service, exporter) -> dict:
                 fields = f.read().rsplit(")", 1)[1].split()
         except FileNotFoundError:  # gone meanwhile
             return 0.0
-        return sum(int(v) for v in fields[11:15 if reaped else 13]) / tick  # utime, stime[, cutime, cstime]
+        times = [int(v) for v in fields[11:15]]  # utime, stime, cutime, cstime
+        return sum(times if reaped else times[:2]) / tick
 
     def children(pid: int) -> list:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
