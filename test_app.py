@@ -365,6 +365,16 @@ def one_source(db, exporters, service, snapshots, watermark_minute=-1, **env):
     return server, service(db, [source("a", server)], **env)
 
 
+def terminate_session(proc) -> None:
+    """SIGTERM (gunicorn's graceful stop), then SIGKILL to its whole session after 40 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Gunicorn:
     """billing-service under real gunicorn, in its own session so a test can
     SIGKILL the master and every worker at once. Output goes to a file."""
@@ -411,13 +421,8 @@ class Gunicorn:
         self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()  # graceful: workers stop their collector threads
-        try:
-            self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.proc is not None and self.proc.poll() is None:
+            terminate_session(self.proc)  # graceful: workers stop their collector threads
 
     def stdout(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log:
@@ -7516,16 +7521,6 @@ def tls_service_user():
     if IS_ROOT and not had_user and user_exists(name):
         subprocess.run(["userdel", name], check=False, capture_output=True)
         subprocess.run(["groupdel", name], check=False, capture_output=True)
-
-
-def terminate_session(proc) -> None:
-    """SIGTERM (gunicorn's graceful stop), then SIGKILL to its whole session after 40 s."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=40)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def test_real_run_with_listener_tls_serves_mutual_tls_from_the_installed_unit(
